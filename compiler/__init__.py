@@ -1,0 +1,13 @@
+"""The torch.compile backend: config, pipeline, graph split, piecewise runner, report."""
+from .config import CompilerConfig
+from .errors import InferUsageError
+from .report import CompileReport, last_report
+
+
+def infer_backend(gm, example_inputs, **kwargs):
+    """The backend function (also reachable as `torch.compile(..., backend="infer")`)."""
+    from .backend import infer_backend as backend
+    return backend(gm, example_inputs, **kwargs)
+
+
+__all__ = ["CompilerConfig", "CompileReport", "InferUsageError", "infer_backend", "last_report"]

@@ -1,0 +1,85 @@
+"""The compiler's one configuration object, built from `torch.compile(..., options={...})`."""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+INNER_COMPILERS = ("inductor", "eager")
+CUDAGRAPH_MODES = ("none", "piecewise", "full")
+DEFAULT_SPLITTING_OPS = ("infer::paged_attention",)
+
+
+def default_capture_sizes() -> tuple[int, ...]:
+    """1, 2, 4, 8, then steps of 8 up to 256, then steps of 16 up to 512."""
+    return (1, 2, 4) + tuple(range(8, 257, 8)) + tuple(range(272, 513, 16))
+
+
+@dataclass(frozen=True, slots=True)
+class CompilerConfig:
+    """Everything the backend does is decided here; nothing is changed after construction."""
+
+    inner_compiler: str = "inductor"
+    eliminate_noops: bool = True
+    fuse_norm: bool = True
+    fuse_activation: bool = True
+    fuse_gemm: bool = True
+    lint: bool = True
+    dump_graphs: bool = False
+    splitting_ops: tuple[str, ...] = DEFAULT_SPLITTING_OPS
+    cudagraph_mode: str = "none"
+    cudagraph_capture_sizes: tuple[int, ...] = field(default_factory=default_capture_sizes)
+    debug_cudagraph_addresses: bool = False
+
+    def __post_init__(self) -> None:
+        _check_choice("inner_compiler", self.inner_compiler, INNER_COMPILERS)
+        _check_choice("cudagraph_mode", self.cudagraph_mode, CUDAGRAPH_MODES)
+        for name in ("eliminate_noops", "fuse_norm", "fuse_activation", "fuse_gemm", "lint",
+                     "dump_graphs", "debug_cudagraph_addresses"):
+            value = getattr(self, name)
+            if not isinstance(value, bool):
+                raise ValueError(f"option {name!r} must be True or False, got {value!r}")
+        if not isinstance(self.splitting_ops, tuple) or not all(
+                isinstance(op, str) and "::" in op for op in self.splitting_ops):
+            raise ValueError(
+                "option 'splitting_ops' must be a tuple of 'namespace::op' names, "
+                f"got {self.splitting_ops!r}")
+        sizes = self.cudagraph_capture_sizes
+        if (not isinstance(sizes, tuple) or not sizes
+                or not all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in sizes)):
+            raise ValueError(
+                "option 'cudagraph_capture_sizes' must be a non-empty tuple of positive ints, "
+                f"got {sizes!r}")
+        object.__setattr__(self, "cudagraph_capture_sizes", tuple(sorted(set(sizes))))
+
+    @classmethod
+    def from_options(cls, options: Mapping[str, Any] | None) -> "CompilerConfig":
+        """Map `torch.compile` options onto the config; unknown names are a ValueError."""
+        if options is None:
+            return cls()
+        if isinstance(options, CompilerConfig):
+            return options
+        if not isinstance(options, Mapping):
+            raise ValueError(f"options must be a dict, got {type(options).__name__}")
+        accepted = cls.option_names()
+        unknown = sorted(set(options) - set(accepted))
+        if unknown:
+            raise ValueError(
+                f"unknown option(s) {unknown} for backend 'infer'; accepted: {', '.join(accepted)}")
+        values = dict(options)
+        for name in ("splitting_ops", "cudagraph_capture_sizes"):
+            if isinstance(values.get(name), list):
+                values[name] = tuple(values[name])
+        return cls(**values)
+
+    @classmethod
+    def option_names(cls) -> list[str]:
+        return [f.name for f in dataclasses.fields(cls)]
+
+    def cache_key(self) -> str:
+        return repr(dataclasses.astuple(self))
+
+
+def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"option {name!r} must be one of {list(choices)}, got {value!r}")

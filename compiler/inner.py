@@ -1,0 +1,41 @@
+"""Inner compilers: what turns one transformed ATen graph (or graph piece) into a callable."""
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import torch
+from torch import fx
+
+
+def inner_compile(gm: fx.GraphModule, example_inputs: Sequence, inner_compiler: str) -> Callable:
+    """Return a boxed callable (takes a list of inputs) computing `gm`."""
+    if inner_compiler == "inductor":
+        from torch._inductor.compile_fx import compile_fx_inner
+        return compile_fx_inner(gm, list(example_inputs))
+    if inner_compiler == "eager":
+        from torch._functorch.aot_autograd import make_boxed_func
+        return make_boxed_func(gm.forward)
+    raise ValueError(f"unknown inner compiler {inner_compiler!r}; expected 'inductor' or 'eager'")
+
+
+def call_boxed(fn: Callable, args: list) -> object:
+    """Call an inner-compiled function whether or not it uses the boxed convention."""
+    if getattr(fn, "_boxed_call", False):
+        return fn(list(args))
+    return fn(*args)
+
+
+def decomposition_table() -> dict:
+    """One table for both inner compilers, so passes always see the same ATen spellings."""
+    from torch._inductor.decomposition import select_decomp_table
+    return select_decomp_table()
+
+
+def is_parameter_input(placeholder: fx.Node, value: object) -> bool:
+    """Whether a Dynamo graph input is a parameter or buffer of the compiled module."""
+    if isinstance(value, torch.nn.Parameter):
+        return True
+    grapharg = placeholder.meta.get("grapharg")
+    source = getattr(grapharg, "source", None)
+    name = source.name() if callable(getattr(source, "name", None)) else str(source or "")
+    return "_buffers" in name or "_parameters" in name

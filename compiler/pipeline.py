@@ -1,0 +1,80 @@
+"""Dynamo graph -> functional ATen inference graph -> passes -> (split) -> inner compiler."""
+from __future__ import annotations
+
+import logging
+import time
+from typing import Callable, Sequence
+
+import torch
+from torch import fx
+
+from ..passes.base import PassContext
+from ..passes.manager import PassManager
+from .config import CompilerConfig
+from .errors import InferUsageError
+from .inner import decomposition_table, inner_compile, is_parameter_input
+from .report import REPORTS, CompileReport
+from .split import compile_pieces
+
+logger = logging.getLogger("infer")
+
+
+def compile_graph(gm: fx.GraphModule, example_inputs: Sequence, config: CompilerConfig) -> Callable:
+    """Compile one Dynamo graph with `config`; publish the report as `last_report()`."""
+    _check_inference_only(example_inputs)
+    from torch._dynamo.backends.common import aot_autograd
+
+    frames_before = REPORTS.frames_compiled()
+    report = CompileReport(inner_compiler=config.inner_compiler, cudagraph_mode=config.cudagraph_mode)
+    static = _static_inputs(gm, example_inputs)
+    start = time.perf_counter()
+
+    def compile_inference(aot_gm: fx.GraphModule, aot_inputs: Sequence) -> Callable:
+        return _transform_and_compile(aot_gm, aot_inputs, static, config, report)
+
+    compiled = aot_autograd(fw_compiler=compile_inference, inference_compiler=compile_inference,
+                            decompositions=decomposition_table())(gm, example_inputs)
+    report.time_total_s = time.perf_counter() - start
+    REPORTS.publish(report, frames_before)
+    logger.info("compiled graph:\n%s", report.summary())
+    return compiled
+
+
+def _transform_and_compile(gm: fx.GraphModule, example_inputs: Sequence, static: list,
+                           config: CompilerConfig, report: CompileReport) -> Callable:
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    static_by_name = {}
+    if len(placeholders) == len(static):  # AOT keeps Dynamo's input order for inference graphs
+        static_by_name = {n.name: t for n, t in zip(placeholders, static) if t is not None}
+    context = PassContext(owner=gm, report=report, static_inputs=static_by_name)
+    report.nodes_before = len(gm.graph.nodes)
+    start = time.perf_counter()
+    report.passes = PassManager(config, context)(gm.graph)
+    gm.recompile()
+    report.time_passes_s = time.perf_counter() - start
+    report.nodes_after = len(gm.graph.nodes)
+
+    start = time.perf_counter()
+    is_static = [n.name in static_by_name for n in placeholders]
+    compiled = compile_pieces(gm, example_inputs, is_static, config, report)
+    report.time_inner_s = time.perf_counter() - start
+    return compiled
+
+
+def _static_inputs(gm: fx.GraphModule, example_inputs: Sequence) -> list:
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    if len(placeholders) != len(example_inputs):
+        return [None] * len(example_inputs)
+    return [t if isinstance(t, torch.Tensor) and is_parameter_input(n, t) else None
+            for n, t in zip(placeholders, example_inputs)]
+
+
+def _check_inference_only(example_inputs: Sequence) -> None:
+    if not torch.is_grad_enabled():
+        return
+    needs_grad = [i for i, t in enumerate(example_inputs) if isinstance(t, torch.Tensor) and t.requires_grad]
+    if needs_grad:
+        raise InferUsageError(
+            f"backend 'infer' compiles inference graphs only, but grad is enabled and {len(needs_grad)} "
+            "graph input(s) (parameters) require grad; call the compiled model under "
+            "`with torch.inference_mode():` or `with torch.no_grad():`, or set requires_grad=False")

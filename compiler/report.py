@@ -1,0 +1,88 @@
+"""The compile report: what the backend did to the most recent graph it compiled."""
+from __future__ import annotations
+
+import dataclasses
+import threading
+from dataclasses import dataclass, field
+
+
+@dataclass(slots=True)
+class CompileReport:
+    """Filled in while one Dynamo graph is compiled; frozen into `last_report()` when done."""
+
+    inner_compiler: str
+    passes: dict[str, int] = field(default_factory=dict)  # pass name -> rewrites
+    fusions: dict[str, int] = field(default_factory=dict)  # fusion kind -> sites fused
+    near_misses: list[str] = field(default_factory=list)  # sites that looked close, with the reason
+    nodes_before: int = 0
+    nodes_after: int = 0
+    pieces: int = 1
+    split_ops: dict[str, int] = field(default_factory=dict)  # op name -> calls split at
+    attention_backend: str | None = None
+    cudagraph_mode: str = "none"
+    captured_graphs: int = 0
+    cudagraph_pool_bytes: int = 0
+    time_dynamo_s: float | None = None
+    time_passes_s: float = 0.0
+    time_inner_s: float = 0.0
+    time_total_s: float = 0.0
+
+    def count_fusion(self, kind: str, n: int = 1) -> None:
+        self.fusions[kind] = self.fusions.get(kind, 0) + n
+
+    def summary(self) -> str:
+        lines = [f"inner compiler   {self.inner_compiler}",
+                 f"nodes            {self.nodes_before} -> {self.nodes_after}",
+                 f"pieces           {self.pieces}" + (f" (split at {self.split_ops})" if self.split_ops else ""),
+                 f"passes           {self.passes}",
+                 f"fusions          {self.fusions}"]
+        if self.attention_backend:
+            lines.append(f"attention        {self.attention_backend}")
+        dyn = "n/a" if self.time_dynamo_s is None else f"{self.time_dynamo_s:.2f}s"
+        lines.append(f"time             dynamo {dyn}, passes {self.time_passes_s:.3f}s, "
+                     f"inner {self.time_inner_s:.2f}s")
+        return "\n".join(lines)
+
+
+class _ReportStore:
+    """Holds the newest report; Dynamo's own timing of the frame is read once it has finished."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._report: CompileReport | None = None
+        self._frames_before = 0
+
+    def frames_compiled(self) -> int:
+        return len(_dynamo_frame_times())
+
+    def publish(self, report: CompileReport, frames_before: int) -> None:
+        with self._lock:
+            self._report, self._frames_before = report, frames_before
+
+    def last(self) -> CompileReport | None:
+        with self._lock:
+            report = self._report
+            if report is None:
+                return None
+            times = _dynamo_frame_times()
+            if report.time_dynamo_s is None and len(times) > self._frames_before:
+                frame_s = times[self._frames_before]
+                report.time_dynamo_s = max(frame_s - report.time_total_s, 0.0)
+            return dataclasses.replace(report, passes=dict(report.passes), fusions=dict(report.fusions),
+                                       near_misses=list(report.near_misses), split_ops=dict(report.split_ops))
+
+
+def _dynamo_frame_times() -> list[float]:
+    try:
+        from torch._dynamo.utils import compilation_time_metrics
+    except ImportError:
+        return []
+    return list(compilation_time_metrics.get("_compile.compile_inner", []))
+
+
+REPORTS = _ReportStore()
+
+
+def last_report() -> CompileReport | None:
+    """The report of the most recent graph compiled with `backend="infer"` (None before any)."""
+    return REPORTS.last()

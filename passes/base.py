@@ -1,0 +1,54 @@
+"""What every pass shares: the compile-time context and the pass interface."""
+from __future__ import annotations
+
+import hashlib
+import inspect
+from dataclasses import dataclass, field
+
+import torch
+from torch import fx
+
+from ..compiler.report import CompileReport
+
+
+@dataclass(slots=True)
+class PassContext:
+    """What a pass may know beyond the graph.
+
+    `static_inputs` maps a placeholder's name to the real tensor behind it when that input is a
+    parameter or buffer of the compiled module (weights a pass may repack); activations are absent.
+    `owner` is the GraphModule the graph belongs to, where a pass registers new constants.
+    """
+
+    owner: fx.GraphModule
+    report: CompileReport
+    static_inputs: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def near_miss(self, pass_name: str, node: fx.Node, reason: str) -> None:
+        self.report.near_misses.append(f"{pass_name}: {node.name}: {reason}")
+
+
+class InferPass:
+    """A graph pass: `__call__(graph)` rewrites in place and returns how many rewrites it made."""
+
+    name: str = "pass"
+
+    def __init__(self, context: PassContext) -> None:
+        self.context = context
+
+    def __call__(self, graph: fx.Graph) -> int:
+        raise NotImplementedError(f"{type(self).__name__} must implement __call__")
+
+    def uuid(self) -> str:
+        """A key that changes whenever the pass's source changes (for compile caches)."""
+        source = inspect.getsource(type(self))
+        return hashlib.sha256(source.encode()).hexdigest()[:16]
+
+
+def node_value(node: fx.Node):
+    """The fake tensor (or SymInt) recorded on a node, or None."""
+    return node.meta.get("val") if isinstance(node, fx.Node) else None
+
+
+def is_op(node, *targets) -> bool:
+    return isinstance(node, fx.Node) and node.op == "call_function" and node.target in targets

@@ -1,0 +1,67 @@
+"""Removes ops that return their input unchanged, and collapses chains of views."""
+from __future__ import annotations
+
+from torch import fx
+import torch
+
+from .base import InferPass, is_op, node_value
+
+aten = torch.ops.aten
+prims = torch.ops.prims
+
+_VIEWS = (aten.view.default, aten.reshape.default, aten._unsafe_view.default)
+
+
+class NoopEliminationPass(InferPass):
+    """Drops identity views, identity dtype casts, full slices and identity permutes; view(view(x))
+    becomes view(x).
+
+    Before::
+
+        a = aten.view(x, [8, 64])          # x is already [8, 64]
+        b = prims.convert_element_type(a, torch.float32)   # a is already fp32
+        c = aten.view(aten.view(b, [512]), [2, 256])
+
+    After::
+
+        c = aten.view(x, [2, 256])
+    """
+
+    name = "noop_elimination"
+
+    def __call__(self, graph: fx.Graph) -> int:
+        rewrites = 0
+        for node in list(graph.nodes):
+            if node.op != "call_function" or not node.args:
+                continue
+            source = node.args[0]
+            if not isinstance(source, fx.Node):
+                continue
+            if self._is_identity(node, source):
+                node.replace_all_uses_with(source)
+                graph.erase_node(node)
+                rewrites += 1
+            elif is_op(node, *_VIEWS) and is_op(source, *_VIEWS):
+                node.update_arg(0, source.args[0])
+                if not source.users:
+                    graph.erase_node(source)
+                rewrites += 1
+        return rewrites
+
+    @staticmethod
+    def _is_identity(node: fx.Node, source: fx.Node) -> bool:
+        out, inp = node_value(node), node_value(source)
+        if not isinstance(out, torch.Tensor) or not isinstance(inp, torch.Tensor):
+            return False
+        same_shape = out.shape == inp.shape and out.stride() == inp.stride()
+        if is_op(node, *_VIEWS, aten.alias.default, aten.expand.default):
+            return same_shape and out.dtype == inp.dtype
+        if is_op(node, prims.convert_element_type.default):
+            return out.dtype == inp.dtype and same_shape
+        if is_op(node, aten.slice.Tensor):
+            dim = node.args[1] if len(node.args) > 1 else 0
+            start = node.args[2] if len(node.args) > 2 else None
+            return same_shape and start in (None, 0) and inp.dim() > 0 and out.shape[dim] == inp.shape[dim]
+        if is_op(node, aten.permute.default):
+            return list(node.args[1]) == list(range(inp.dim()))
+        return False
