@@ -1,7 +1,7 @@
 """The torch.compile backend: config, pipeline, graph split, piecewise runner, report."""
 from .config import CompilerConfig
 from .errors import InferUsageError
-from .report import CompileReport, last_report
+from .report import CompileReport, compilation_count, last_report
 
 
 def infer_backend(gm, example_inputs, **kwargs):
@@ -10,4 +10,4 @@ def infer_backend(gm, example_inputs, **kwargs):
     return backend(gm, example_inputs, **kwargs)
 
 
-__all__ = ["CompilerConfig", "CompileReport", "InferUsageError", "infer_backend", "last_report"]
+__all__ = ["CompilerConfig", "CompileReport", "InferUsageError", "compilation_count", "infer_backend", "last_report"]

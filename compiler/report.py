@@ -51,6 +51,7 @@ class _ReportStore:
         self._lock = threading.Lock()
         self._report: CompileReport | None = None
         self._frames_before = 0
+        self.compilations = 0  # graphs compiled by this process, for tests and logs
 
     def frames_compiled(self) -> int:
         return len(_dynamo_frame_times())
@@ -58,6 +59,7 @@ class _ReportStore:
     def publish(self, report: CompileReport, frames_before: int) -> None:
         with self._lock:
             self._report, self._frames_before = report, frames_before
+            self.compilations += 1
 
     def last(self) -> CompileReport | None:
         with self._lock:
@@ -86,3 +88,8 @@ REPORTS = _ReportStore()
 def last_report() -> CompileReport | None:
     """The report of the most recent graph compiled with `backend="infer"` (None before any)."""
     return REPORTS.last()
+
+
+def compilation_count() -> int:
+    """How many graphs `backend="infer"` has compiled in this process."""
+    return REPORTS.compilations

@@ -1,0 +1,84 @@
+"""Next-token sampling: greedy, temperature, top-k, top-p, with optional per-request generators.
+
+Random rows use the exponential race: ``argmax(p / q)`` with ``q ~ Exp(1)`` draws a token with
+probability ``p``. A row whose request has a generator takes its noise from that generator
+alone, so a seeded request gives the same tokens whatever else is in the batch.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence as SequenceABC
+
+import torch
+from torch import Tensor
+
+from .sampling import SamplingParams
+
+MIN_TEMPERATURE = 1e-5  # smaller positive temperatures would overflow the scaled logits to inf
+
+
+@torch.inference_mode()
+def sample(logits: Tensor, params: SequenceABC[SamplingParams],
+           generators: SequenceABC[torch.Generator | None] | None = None) -> Tensor:
+    """Pick one token per row.
+
+    Args:
+        logits: ``[N, V]`` float logits (computed in float32).
+        params: ``N`` sampling parameters, one per row.
+        generators: ``N`` generators or ``None`` (``None`` entries and ``None`` use torch's
+            global RNG); a generator may live on any device, its noise is moved to ``logits``.
+
+    Returns:
+        ``[N] int64`` token ids on ``logits.device``. Greedy rows (``temperature == 0``) take
+        the argmax, ties going to the lowest id.
+    """
+    if logits.dim() != 2:
+        raise ValueError(f"logits must be [N, V], got shape {tuple(logits.shape)}")
+    n, vocab = logits.shape
+    if len(params) != n or (generators is not None and len(generators) != n):
+        raise ValueError(f"need one params (got {len(params)}) and one generator "
+                         f"(got {None if generators is None else len(generators)}) per logits row ({n})")
+    logits = logits.float()
+    out = logits.argmax(dim=-1)  # [N]
+    rows = [i for i, p in enumerate(params) if not p.greedy]
+    if not rows:
+        return out
+    gens = [generators[i] if generators is not None else None for i in rows]
+    probs = _filtered_probs(logits[rows], [params[i] for i in rows])  # [R, V]
+    noise = _exponential_noise(probs, gens)  # [R, V]
+    out[rows] = probs.div_(noise).argmax(dim=-1)
+    return out
+
+
+def _filtered_probs(logits: Tensor, params: list[SamplingParams]) -> Tensor:
+    """Probabilities ``[R, V]`` after temperature, top-k and top-p; filtered tokens get 0."""
+    r, vocab = logits.shape
+    temps = torch.tensor([max(p.temperature, MIN_TEMPERATURE) for p in params],
+                         dtype=logits.dtype, device=logits.device)
+    logits = logits / temps.unsqueeze(1)  # [R, V]
+    top_k = [p.top_k if 0 < p.top_k < vocab else vocab for p in params]
+    top_p = [p.top_p for p in params]
+    if all(k == vocab for k in top_k) and all(p >= 1.0 for p in top_p):
+        return torch.softmax(logits, dim=-1)
+    sorted_logits, order = logits.sort(dim=-1, descending=True, stable=True)  # [R, V]
+    rank = torch.arange(vocab, device=logits.device).expand(r, vocab)
+    k = torch.tensor(top_k, device=logits.device).unsqueeze(1)
+    sorted_logits.masked_fill_(rank >= k, float("-inf"))
+    sorted_probs = torch.softmax(sorted_logits, dim=-1)
+    p = torch.tensor(top_p, dtype=logits.dtype, device=logits.device).unsqueeze(1)
+    mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs  # [R, V] mass of strictly better tokens
+    drop = mass_before >= p
+    drop[:, 0] = False  # keep at least the best token
+    sorted_probs.masked_fill_(drop, 0.0)
+    return torch.zeros_like(sorted_probs).scatter_(1, order, sorted_probs)
+
+
+def _exponential_noise(probs: Tensor, generators: list[torch.Generator | None]) -> Tensor:
+    """``Exp(1)`` noise ``[R, V]``; rows with a generator draw from it alone."""
+    noise = torch.empty_like(probs)
+    if any(gen is None for gen in generators):
+        noise.exponential_()
+    for row, gen in enumerate(generators):
+        if gen is not None:
+            row_noise = torch.empty(probs.shape[1], dtype=probs.dtype, device=gen.device)
+            noise[row] = row_noise.exponential_(generator=gen).to(probs.device)
+    return noise.clamp_(min=torch.finfo(noise.dtype).tiny)
