@@ -46,7 +46,7 @@ def _transform_and_compile(gm: fx.GraphModule, example_inputs: Sequence, static:
     static_by_name = {}
     if len(placeholders) == len(static):  # AOT keeps Dynamo's input order for inference graphs
         static_by_name = {n.name: t for n, t in zip(placeholders, static) if t is not None}
-    context = PassContext(owner=gm, report=report, static_inputs=static_by_name)
+    context = PassContext(report=report, static_inputs=static_by_name)
     report.nodes_before = len(gm.graph.nodes)
     start = time.perf_counter()
     report.passes = PassManager(config, context)(gm.graph)
@@ -55,10 +55,21 @@ def _transform_and_compile(gm: fx.GraphModule, example_inputs: Sequence, static:
     report.nodes_after = len(gm.graph.nodes)
 
     start = time.perf_counter()
-    is_static = [n.name in static_by_name for n in placeholders]
-    compiled = compile_pieces(gm, example_inputs, is_static, config, report)
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    is_static = [n.name in context.static_inputs for n in placeholders]
+    extra = context.extra_inputs
+    inputs = list(example_inputs) + [n.meta["val"] for n in placeholders[len(example_inputs):]]
+    compiled = compile_pieces(gm, inputs, is_static, config, report)
     report.time_inner_s = time.perf_counter() - start
-    return compiled
+    return compiled if not extra else _with_constants(compiled, extra)
+
+
+def _with_constants(compiled: Callable, constants: list) -> Callable:
+    """Feed the tensors passes created (packed weights) as trailing inputs."""
+    def run(args: list):
+        return compiled(list(args) + constants)
+    run._boxed_call = True
+    return run
 
 
 def _static_inputs(gm: fx.GraphModule, example_inputs: Sequence) -> list:

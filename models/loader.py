@@ -106,7 +106,7 @@ def load_weights(model: nn.Module, files: list[Path]) -> None:
                     raise ValueError(f"checkpoint tensor {name!r} in {file.name}: {e}") from e
 
 
-@torch.inference_mode()
+@torch.no_grad()  # not inference_mode: the parameters must stay ordinary tensors for the compiler
 def load_model(
     path: str | Path, dtype: torch.dtype | str | None = None, device: torch.device | str = "cpu"
 ) -> tuple[nn.Module, Any]:

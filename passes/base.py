@@ -17,12 +17,24 @@ class PassContext:
 
     `static_inputs` maps a placeholder's name to the real tensor behind it when that input is a
     parameter or buffer of the compiled module (weights a pass may repack); activations are absent.
-    `owner` is the GraphModule the graph belongs to, where a pass registers new constants.
+    Tensors a pass creates (packed weights) become new trailing graph inputs, `extra_inputs`,
+    which the compiled callable appends to every call.
     """
 
-    owner: fx.GraphModule
     report: CompileReport
     static_inputs: dict[str, torch.Tensor] = field(default_factory=dict)
+    extra_inputs: list[torch.Tensor] = field(default_factory=list)
+
+    def add_input(self, graph: fx.Graph, tensor: torch.Tensor, like: torch.Tensor | None = None) -> fx.Node:
+        """A new placeholder fed with `tensor` at run time; its `val` is faked like `like`."""
+        last = [n for n in graph.nodes if n.op == "placeholder"][-1]
+        with graph.inserting_after(last):
+            node = graph.placeholder(f"infer_const_{len(self.extra_inputs)}")
+        mode = getattr(like, "fake_mode", None)
+        node.meta["val"] = mode.from_tensor(tensor, static_shapes=True) if mode is not None else tensor
+        self.extra_inputs.append(tensor)
+        self.static_inputs[node.name] = tensor
+        return node
 
     def near_miss(self, pass_name: str, node: fx.Node, reason: str) -> None:
         self.report.near_misses.append(f"{pass_name}: {node.name}: {reason}")

@@ -8,9 +8,15 @@ from torch import fx
 
 from ..compiler.config import CompilerConfig
 from .base import InferPass, PassContext
+from .fused_add_rms_norm import FusedAddRMSNormPass
+from .gemm_pack import GemmPackPass
 from .noop_elimination import NoopEliminationPass
+from .rms_norm import RMSNormPass
+from .silu_and_mul import SiluAndMulPass
 
 logger = logging.getLogger("infer.passes")
+
+FUSED_OP_KINDS = ("rms_norm", "fused_add_rms_norm", "silu_and_mul")
 
 
 def build_passes(config: CompilerConfig, context: PassContext) -> list[InferPass]:
@@ -18,6 +24,12 @@ def build_passes(config: CompilerConfig, context: PassContext) -> list[InferPass
     passes: list[InferPass] = []
     if config.eliminate_noops:
         passes.append(NoopEliminationPass(context))
+    if config.fuse_norm:
+        passes += [RMSNormPass(context), FusedAddRMSNormPass(context)]
+    if config.fuse_gemm:
+        passes.append(GemmPackPass(context))
+    if config.fuse_activation:
+        passes.append(SiluAndMulPass(context))
     return passes
 
 
@@ -41,7 +53,16 @@ class PassManager:
             logger.debug("%s: %d rewrites in %.1f ms", p.name, rewrites, 1e3 * (time.perf_counter() - start))
             if self.config.dump_graphs:
                 logger.debug("graph after %s:\n%s", p.name, graph)
+        self._count_fused_ops(graph)
         return counts
+
+    def _count_fused_ops(self, graph: fx.Graph) -> None:
+        """Norm and activation fusions are counted by what the final graph holds."""
+        for node in graph.nodes:
+            if node.op == "call_function" and getattr(node.target, "namespace", None) == "infer":
+                kind = node.target._opname
+                if kind in FUSED_OP_KINDS:
+                    self.context.report.count_fusion(kind)
 
     def uuid(self) -> str:
         return "-".join(p.uuid() for p in self.passes)

@@ -13,6 +13,9 @@ import torch
 import torch.distributed as dist
 import torch.distributed._functional_collectives as funcol
 
+# torch >= 2.13 renamed all_gather_tensor (gather along dim 0) to all_gather_single
+_all_gather_dim0 = getattr(funcol, "all_gather_single", None) or funcol.all_gather_tensor
+
 
 def is_initialized() -> bool:
     """True when a default process group exists."""
@@ -49,6 +52,6 @@ def all_gather_last_dim(x: torch.Tensor) -> torch.Tensor:
     size = tp_size()
     if size == 1:
         return x
-    gathered = funcol.wait_tensor(funcol.all_gather_tensor(x.contiguous(), 0, dist.group.WORLD))
+    gathered = funcol.wait_tensor(_all_gather_dim0(x.contiguous(), 0, dist.group.WORLD))
     # gathered: [size*M, ..., N] stacked along dim 0 -> split per rank and join on the last dim
     return torch.cat(gathered.chunk(size, dim=0), dim=-1)

@@ -55,7 +55,8 @@ class VocabParallelEmbedding(nn.Module):
         return distributed.all_reduce(y)
 
     def extra_repr(self) -> str:
-        return f"{self.num_embeddings}, {self.embedding_dim}, rows=[{self.vocab_start}, {self.vocab_end}), tp={self.tp_size}"
+        rows = f"rows=[{self.vocab_start}, {self.vocab_end})"
+        return f"{self.num_embeddings}, {self.embedding_dim}, {rows}, tp={self.tp_size}"
 
 
 class ParallelLMHead(VocabParallelEmbedding):

@@ -85,8 +85,8 @@ def _yarn_inv_freq(params: Mapping[str, Any], dim: int, max_pos: int) -> tuple[t
     low, high = max(low, 0), min(high, dim - 1)
     if low == high:
         high += 0.001  # avoid a zero-width ramp, as HF does
-    ramp = ((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)  # [dim/2]
-    pos_freqs = base ** (torch.arange(0, dim, 2).to(torch.float32) / dim)  # [dim/2]
+    ramp = ((torch.arange(dim // 2, dtype=torch.float32, device="cpu") - low) / (high - low)).clamp(0, 1)  # [dim/2]
+    pos_freqs = base ** (torch.arange(0, dim, 2, device="cpu").to(torch.float32) / dim)  # [dim/2]
     extrapolation = 1 - ramp
     inv_freq = (1.0 / (factor * pos_freqs)) * (1 - extrapolation) + (1.0 / pos_freqs) * extrapolation
     return inv_freq, float(attention_factor)

@@ -47,4 +47,5 @@ class Attention(nn.Module):
         return torch.ops.infer.paged_attention(q, k, v, self.kv_cache, self.scale)
 
     def extra_repr(self) -> str:
-        return f"num_heads={self.num_heads}, num_kv_heads={self.num_kv_heads}, head_dim={self.head_dim}, scale={self.scale:.4g}"
+        return (f"num_heads={self.num_heads}, num_kv_heads={self.num_kv_heads}, "
+                f"head_dim={self.head_dim}, scale={self.scale:.4g}")

@@ -63,7 +63,9 @@ class AttentionMetadata:
                 )
         b = self.num_seqs
         if self.query_start_loc.shape[0] != b + 1:
-            raise ValueError(f"query_start_loc has {self.query_start_loc.shape[0]} entries, expected num_seqs+1={b + 1}")
+            raise ValueError(
+                f"query_start_loc has {self.query_start_loc.shape[0]} entries, expected num_seqs+1={b + 1}"
+            )
         if self.seq_lens.shape[0] != b or self.block_tables.shape[0] != b:
             raise ValueError(
                 f"seq_lens {tuple(self.seq_lens.shape)} and block_tables {tuple(self.block_tables.shape)} "

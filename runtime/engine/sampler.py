@@ -33,7 +33,7 @@ def sample(logits: Tensor, params: SequenceABC[SamplingParams],
     """
     if logits.dim() != 2:
         raise ValueError(f"logits must be [N, V], got shape {tuple(logits.shape)}")
-    n, vocab = logits.shape
+    n = logits.shape[0]
     if len(params) != n or (generators is not None and len(generators) != n):
         raise ValueError(f"need one params (got {len(params)}) and one generator "
                          f"(got {None if generators is None else len(generators)}) per logits row ({n})")
@@ -50,15 +50,31 @@ def sample(logits: Tensor, params: SequenceABC[SamplingParams],
 
 
 def _filtered_probs(logits: Tensor, params: list[SamplingParams]) -> Tensor:
-    """Probabilities ``[R, V]`` after temperature, top-k and top-p; filtered tokens get 0."""
-    r, vocab = logits.shape
+    """Probabilities ``[R, V]`` after temperature, top-k and top-p; filtered tokens get 0.
+
+    Rows with and without filters take separate paths chosen per row, so a row's numbers do not
+    depend on the other rows of the batch.
+    """
+    vocab = logits.shape[1]
     temps = torch.tensor([max(p.temperature, MIN_TEMPERATURE) for p in params],
                          dtype=logits.dtype, device=logits.device)
     logits = logits / temps.unsqueeze(1)  # [R, V]
     top_k = [p.top_k if 0 < p.top_k < vocab else vocab for p in params]
-    top_p = [p.top_p for p in params]
-    if all(k == vocab for k in top_k) and all(p >= 1.0 for p in top_p):
+    filtered = [i for i, p in enumerate(params) if top_k[i] < vocab or p.top_p < 1.0]
+    if not filtered:
         return torch.softmax(logits, dim=-1)
+    probs = torch.empty_like(logits)
+    plain = sorted(set(range(len(params))) - set(filtered))
+    if plain:
+        probs[plain] = torch.softmax(logits[plain], dim=-1)
+    probs[filtered] = _top_k_top_p(logits[filtered], [top_k[i] for i in filtered],
+                                   [params[i].top_p for i in filtered])
+    return probs
+
+
+def _top_k_top_p(logits: Tensor, top_k: list[int], top_p: list[float]) -> Tensor:
+    """Softmax ``[R, V]`` over the ``top_k`` best tokens, then the nucleus of mass ``top_p``."""
+    r, vocab = logits.shape
     sorted_logits, order = logits.sort(dim=-1, descending=True, stable=True)  # [R, V]
     rank = torch.arange(vocab, device=logits.device).expand(r, vocab)
     k = torch.tensor(top_k, device=logits.device).unsqueeze(1)

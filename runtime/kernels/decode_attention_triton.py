@@ -50,7 +50,9 @@ def _num_sms(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-def choose_num_splits(num_seqs: int, num_kv_heads: int, max_context: int, device: torch.device, config: DecodeConfig) -> int:
+def choose_num_splits(
+    num_seqs: int, num_kv_heads: int, max_context: int, device: torch.device, config: DecodeConfig
+) -> int:
     """Splits per sequence, from static quantities only (batch size, heads, block-table width)."""
     base = max(num_seqs * num_kv_heads, 1)
     wanted = triton.cdiv(config.programs_per_sm * _num_sms(device), base)
@@ -61,7 +63,7 @@ def choose_num_splits(num_seqs: int, num_kv_heads: int, max_context: int, device
 @triton.jit
 def _decode_partial_kernel(
     q_ptr, cache_ptr, block_tables_ptr, seq_lens_ptr, out_ptr, part_o_ptr, part_lse_ptr,
-    scale_log2e, split_len,
+    scale_log2e, split_len, max_context,
     stride_qt, stride_qh, stride_ot, stride_oh,
     stride_ckv, stride_cblk, stride_ctok, stride_ch, stride_bt,
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
@@ -70,7 +72,7 @@ def _decode_partial_kernel(
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
-    seq_len = tl.load(seq_lens_ptr + seq)
+    seq_len = tl.minimum(tl.load(seq_lens_ptr + seq), max_context)  # never read past the table
     start = split * split_len
     end = tl.minimum(start + split_len, seq_len)
 
@@ -173,7 +175,7 @@ def decode_attention(
     precision = "ieee" if q.dtype == torch.float32 else "tf32"
     _decode_partial_kernel[(num_seqs, num_kv_heads, splits)](
         q, kv_cache, block_tables, seq_lens, out, part_o, part_lse,
-        scale * LOG2E, split_len,
+        scale * LOG2E, split_len, max_context,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2), kv_cache.stride(3), block_tables.stride(0),
         GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim,

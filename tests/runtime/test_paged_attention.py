@@ -182,6 +182,14 @@ def test_compiled_layer_matches_eager_and_mutates_cache(backend):
     assert counter.frame_count == 1  # metadata is not a graph input: one graph serves both steps
 
 
+def test_opcheck_schema_fake_and_functionalization():
+    batch = make_batch([3, 1], [20, 17], 4, 2, 64, 16, pad=1)
+    cache = batch.cache.nan_to_num(0.0)  # opcheck compares caches across runs
+    with forward_context(batch.md):
+        torch.library.opcheck(torch.ops.infer.paged_attention.default,
+                              (batch.q.flatten(1), batch.k.flatten(1), batch.v.flatten(1), cache, 0.125))
+
+
 def test_errors_are_clear(monkeypatch):
     layer = Attention(4, 2, 64)
     q, kv = torch.zeros(3, 256), torch.zeros(3, 128)
