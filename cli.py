@@ -1,4 +1,4 @@
-"""Command line: `python -m infer demo` (and later `generate`)."""
+"""Command line: `python -m infer demo` and `python -m infer generate PROMPT...`."""
 from __future__ import annotations
 
 import argparse
@@ -33,6 +33,67 @@ def demo(args: argparse.Namespace) -> int:
     return 0
 
 
+WARMUP_PROMPT_LEN = 8  # token ids of the warm-up prompts that compile outside the timed region
+
+
+def generate(args: argparse.Namespace) -> int:
+    """Complete the prompts with the engine; print each completion and the decode throughput."""
+    from .runtime import LLM, SamplingParams
+
+    try:
+        params = SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+                                max_tokens=args.max_tokens, seed=args.seed, ignore_eos=args.ignore_eos)
+        llm = LLM(args.model, dtype=args.dtype, device=args.device, max_model_len=args.max_model_len,
+                  compile=not args.no_compile, compile_options={"inner_compiler": args.inner_compiler})
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if not args.no_compile:
+        _warm_up(llm, len(args.prompts))
+    start = time.perf_counter()
+    outputs = llm.generate(args.prompts, params, use_tqdm=sys.stderr.isatty(), chat=args.chat)
+    seconds = time.perf_counter() - start
+    for i, out in enumerate(outputs):
+        print(f"[{i}] prompt: {out.prompt!r}")
+        if out.error is not None:
+            print(f"[{i}] error: {out.error}")
+            continue
+        print(f"[{i}] completion ({len(out.token_ids)} tokens, {out.finish_reason}): {out.text!r}")
+    num_tokens = sum(len(out.token_ids) for out in outputs)
+    print(f"generated {num_tokens} tokens in {seconds:.2f} s: {num_tokens / seconds:.1f} tokens/s "
+          f"({len(outputs)} prompts, compile={'off' if args.no_compile else args.inner_compiler}, warm-up excluded)")
+    return 1 if any(out.error is not None for out in outputs) else 0
+
+
+def _warm_up(llm, num_prompts: int) -> None:
+    """Compile the prefill graph and the decode graphs (batch of ``num_prompts``, then of 1) untimed."""
+    from .runtime import SamplingParams
+
+    prompts = [[1] * WARMUP_PROMPT_LEN for _ in range(num_prompts)]
+    params = [SamplingParams(temperature=0.0, max_tokens=3 if i == 0 else 2, ignore_eos=True)
+              for i in range(num_prompts)]
+    llm.generate(prompts, params, use_tqdm=False)
+
+
+def _add_generate_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("generate", help="complete prompts with the engine (default model: SmolLM2-135M-Instruct)")
+    p.add_argument("prompts", nargs="+", metavar="PROMPT")
+    p.add_argument("--model", default=None, help="checkpoint folder (default: the embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=-1)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--ignore-eos", action="store_true", help="keep generating past end-of-sequence tokens")
+    p.add_argument("--chat", action="store_true", help="wrap each prompt in the tokenizer's chat template")
+    p.add_argument("--no-compile", action="store_true", help="run the model eagerly")
+    p.add_argument("--inner-compiler", choices=["inductor", "eager"], default="inductor")
+    p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--max-model-len", type=int, default=None)
+    p.set_defaults(run=generate)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m infer", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
@@ -41,6 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--inner-compiler", choices=["inductor", "eager"], default="inductor")
     p.add_argument("--layers", type=int, default=2)
     p.set_defaults(run=demo)
+    _add_generate_parser(sub)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING)
     return args.run(args)

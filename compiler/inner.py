@@ -10,12 +10,33 @@ from torch import fx
 def inner_compile(gm: fx.GraphModule, example_inputs: Sequence, inner_compiler: str) -> Callable:
     """Return a boxed callable (takes a list of inputs) computing `gm`."""
     if inner_compiler == "inductor":
-        from torch._inductor.compile_fx import compile_fx_inner
-        return compile_fx_inner(gm, list(example_inputs))
+        output = next(n for n in reversed(gm.graph.nodes) if n.op == "output")
+        if not isinstance(output.args[0], (tuple, list)):  # Inductor compiles tuple-returning graphs
+            output.args = ((output.args[0],),)
+            gm.recompile()
+            compiled = _inductor(gm, example_inputs)
+            single = lambda args: call_boxed(compiled, args)[0]  # noqa: E731
+            single._boxed_call = True
+            return single
+        return _inductor(gm, example_inputs)
     if inner_compiler == "eager":
         from torch._functorch.aot_autograd import make_boxed_func
         return make_boxed_func(gm.forward)
     raise ValueError(f"unknown inner compiler {inner_compiler!r}; expected 'inductor' or 'eager'")
+
+
+def _inductor(gm: fx.GraphModule, example_inputs: Sequence) -> Callable:
+    from torch._inductor.compile_fx import compile_fx_inner
+    context = torch._guards.TracingContext.try_get()
+    if context is None:
+        return compile_fx_inner(gm, list(example_inputs))
+    # Each piece of a split graph is its own Inductor graph: keep them from reporting output
+    # strides into the one tracing context of the whole graph.
+    saved, context.output_strides = context.output_strides, None
+    try:
+        return compile_fx_inner(gm, list(example_inputs))
+    finally:
+        context.output_strides = saved
 
 
 def call_boxed(fn: Callable, args: list) -> object:

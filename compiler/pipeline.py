@@ -33,7 +33,8 @@ def compile_graph(gm: fx.GraphModule, example_inputs: Sequence, config: Compiler
         return _transform_and_compile(aot_gm, aot_inputs, static, config, report)
 
     compiled = aot_autograd(fw_compiler=compile_inference, inference_compiler=compile_inference,
-                            decompositions=decomposition_table())(gm, example_inputs)
+                            decompositions=decomposition_table(),
+                            keep_inference_input_mutations=True)(gm, example_inputs)
     report.time_total_s = time.perf_counter() - start
     REPORTS.publish(report, frames_before)
     logger.info("compiled graph:\n%s", report.summary())

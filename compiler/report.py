@@ -20,8 +20,7 @@ class CompileReport:
     split_ops: dict[str, int] = field(default_factory=dict)  # op name -> calls split at
     attention_backend: str | None = None
     cudagraph_mode: str = "none"
-    captured_graphs: int = 0
-    cudagraph_pool_bytes: int = 0
+    cudagraphs: object = None  # CudaGraphStats, filled as graphs are captured at run time
     time_dynamo_s: float | None = None
     time_passes_s: float = 0.0
     time_inner_s: float = 0.0
@@ -36,6 +35,9 @@ class CompileReport:
                  f"pieces           {self.pieces}" + (f" (split at {self.split_ops})" if self.split_ops else ""),
                  f"passes           {self.passes}",
                  f"fusions          {self.fusions}"]
+        if self.cudagraphs is not None:
+            lines.append(f"cuda graphs      {self.cudagraph_mode}: {self.cudagraphs.captured_graphs} captured, "
+                         f"{self.cudagraphs.pool_bytes / 2**20:.1f} MiB, sizes {self.cudagraphs.sizes}")
         if self.attention_backend:
             lines.append(f"attention        {self.attention_backend}")
         dyn = "n/a" if self.time_dynamo_s is None else f"{self.time_dynamo_s:.2f}s"

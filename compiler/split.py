@@ -1,16 +1,108 @@
-"""Turns the transformed graph into the final callable (one piece until the graph is split)."""
+"""Splits the transformed graph at every splitting op and compiles the pieces between them."""
 from __future__ import annotations
 
 from typing import Callable, Sequence
 
+import torch
 from torch import fx
+from torch.fx.passes.split_module import split_module
 
 from .config import CompilerConfig
-from .inner import inner_compile
+from .cudagraph import CudaGraphPool, CudaGraphRunner
+from .inner import call_boxed, inner_compile
 from .report import CompileReport
+
+
+def splitting_nodes(graph: fx.Graph, splitting_ops: Sequence[str]) -> list[fx.Node]:
+    return [n for n in graph.nodes if n.op == "call_function" and _op_name(n.target) in splitting_ops]
 
 
 def compile_pieces(gm: fx.GraphModule, example_inputs: Sequence, is_static: list[bool],
                    config: CompilerConfig, report: CompileReport) -> Callable:
-    report.pieces = 1
-    return inner_compile(gm, example_inputs, config.inner_compiler)
+    """One callable for the graph: compiled pieces around the splitting ops, CUDA graphs if asked."""
+    pool = CudaGraphPool(config.debug_cudagraph_addresses) if config.cudagraph_mode != "none" else None
+    report.cudagraphs = pool.stats if pool is not None else None
+    splits = [] if config.cudagraph_mode == "full" else splitting_nodes(gm.graph, config.splitting_ops)
+    if not splits:
+        report.pieces = 1
+        compiled = inner_compile(gm, example_inputs, config.inner_compiler)
+        return _wrap_graphs(compiled, example_inputs, is_static, config, pool)
+    for node in splits:
+        name = _op_name(node.target)
+        report.split_ops[name] = report.split_ops.get(name, 0) + 1
+    split_gm = _split(gm, splits)
+    report.pieces = _compile_submodules(split_gm, example_inputs, is_static, config, pool)
+    report.attention_backend = _attention_backend(example_inputs)
+    from torch._functorch.aot_autograd import make_boxed_func
+    return make_boxed_func(split_gm.forward)
+
+
+def _split(gm: fx.GraphModule, splits: list[fx.Node]) -> fx.GraphModule:
+    """Pieces numbered in graph order; every splitting node is a piece of its own."""
+    split_set, piece, assignment = set(splits), 0, {}
+    for node in gm.graph.nodes:
+        if node.op in ("placeholder", "output"):
+            continue
+        if node in split_set:
+            piece += 1
+            assignment[node] = piece
+            piece += 1
+        else:
+            assignment[node] = piece
+    return split_module(gm, None, lambda n: assignment[n], keep_original_order=True)
+
+
+def _compile_submodules(split_gm: fx.GraphModule, example_inputs: Sequence, is_static: list[bool],
+                        config: CompilerConfig, pool) -> int:
+    """Run the split graph on fake inputs; compile each non-splitting piece with the values it sees.
+
+    Returns the number of compiled pieces (splitting-op calls + 1 for a chain of layers)."""
+    from torch._guards import detect_fake_mode
+    static_ids = {id(t) for t, s in zip(example_inputs, is_static) if s}
+    splitting = set(config.splitting_ops)
+    compiled_pieces = []
+
+    class Compiler(fx.Interpreter):
+        def call_module(self, target, args, kwargs):
+            submod = self.fetch_attr(target)
+            outputs = super().call_module(target, args, kwargs)
+            if not any(_op_name(n.target) in splitting for n in submod.graph.nodes if n.op == "call_function"):
+                compiled = inner_compile(submod, list(args), config.inner_compiler)
+                piece_static = [id(a) in static_ids for a in args]
+                split_gm.__setattr__(target, _Piece(_wrap_graphs(compiled, list(args), piece_static, config, pool)))
+                compiled_pieces.append(target)
+            return outputs
+
+    mode = detect_fake_mode(example_inputs)
+    with mode if mode is not None else torch.no_grad():
+        Compiler(split_gm).run(*example_inputs)
+    return len(compiled_pieces)
+
+
+def _attention_backend(example_inputs: Sequence) -> str | None:
+    from ..runtime.attention import attention_backend_name
+    device = next((t.device for t in example_inputs if isinstance(t, torch.Tensor)), torch.device("cpu"))
+    return attention_backend_name(device)
+
+
+class _Piece(torch.nn.Module):
+    """A compiled piece called like the submodule it replaces."""
+
+    def __init__(self, fn: Callable) -> None:
+        super().__init__()
+        self.fn = fn
+
+    def forward(self, *args):
+        return call_boxed(self.fn, list(args))
+
+
+def _wrap_graphs(compiled: Callable, example_inputs: Sequence, is_static: list[bool], config: CompilerConfig,
+                 pool) -> Callable:
+    if pool is None:
+        return compiled
+    return CudaGraphRunner(compiled, example_inputs, is_static, config.cudagraph_capture_sizes, pool)
+
+
+def _op_name(target) -> str | None:
+    schema = getattr(target, "_schema", None)
+    return schema.name if schema is not None else None

@@ -8,6 +8,7 @@ from torch import fx
 
 from ..compiler.config import CompilerConfig
 from .base import InferPass, PassContext
+from .defunctionalize import DefunctionalizePass
 from .fused_add_rms_norm import FusedAddRMSNormPass
 from .gemm_pack import GemmPackPass
 from .noop_elimination import NoopEliminationPass
@@ -30,6 +31,7 @@ def build_passes(config: CompilerConfig, context: PassContext) -> list[InferPass
         passes.append(GemmPackPass(context))
     if config.fuse_activation:
         passes.append(SiluAndMulPass(context))
+    passes.append(DefunctionalizePass(context))  # always: keeps the KV cache written in place
     return passes
 
 

@@ -1,0 +1,113 @@
+"""CUDA-graph capture and replay of compiled graphs (a piece, or the whole graph in full mode)."""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import torch
+
+from .inner import call_boxed
+
+logger = logging.getLogger("infer")
+
+
+@dataclass(slots=True)
+class CudaGraphStats:
+    captured_graphs: int = 0
+    pool_bytes: int = 0
+    sizes: tuple[int, ...] = ()
+
+
+class CudaGraphPool:
+    """One memory pool shared by every graph captured for one compiled model."""
+
+    def __init__(self, debug_addresses: bool = False) -> None:
+        self.debug_addresses = debug_addresses
+        self.stats = CudaGraphStats()
+        self._handle = None
+
+    @property
+    def handle(self):
+        if self._handle is None:
+            self._handle = torch.cuda.graph_pool_handle()
+        return self._handle
+
+
+@dataclass(slots=True)
+class _Captured:
+    graph: "torch.cuda.CUDAGraph"
+    inputs: list  # static buffers the graph reads
+    outputs: object
+    static_ptrs: list[int]
+
+
+class CudaGraphRunner:
+    """Replays one captured graph per token count.
+
+    The token count is dim 0 of the first input whose dim 0 is symbolic. A size is captured the
+    second time it is seen (the first call warms up Inductor/Triton); sizes that are not in
+    `capture_sizes` run without graphs. Callers pad to a captured size. Per replay: inputs whose
+    address moved are copied into the static buffers, then the graph replays; parameters and
+    other static inputs are read in place (with `debug_addresses`, a moved one is an error).
+    """
+
+    def __init__(self, compiled: Callable, example_inputs: Sequence, is_static: list[bool],
+                 capture_sizes: Sequence[int], pool: CudaGraphPool) -> None:
+        self.compiled = compiled
+        self.pool = pool
+        self.capture_sizes = frozenset(capture_sizes)
+        self.size_index = next((i for i, t in enumerate(example_inputs) if isinstance(t, torch.Tensor)
+                                and t.dim() > 0 and isinstance(t.shape[0], torch.SymInt)), None)
+        self.copy_indices = [i for i, (t, s) in enumerate(zip(example_inputs, is_static))
+                             if isinstance(t, torch.Tensor) and not s]
+        self.static_indices = [i for i, (t, s) in enumerate(zip(example_inputs, is_static))
+                               if isinstance(t, torch.Tensor) and s]
+        self.graphs: dict[int | None, _Captured] = {}
+        self.warmed: set[int | None] = set()
+    _boxed_call = True
+
+    def __call__(self, args: list):
+        size = args[self.size_index].shape[0] if self.size_index is not None else None
+        captured = self.graphs.get(size)
+        if captured is not None:
+            return self._replay(captured, args)
+        on_cuda = any(isinstance(a, torch.Tensor) and a.is_cuda for a in args)
+        if not on_cuda or (size is not None and size not in self.capture_sizes) \
+                or torch.cuda.is_current_stream_capturing():
+            return call_boxed(self.compiled, args)
+        if size not in self.warmed:
+            self.warmed.add(size)
+            return call_boxed(self.compiled, args)
+        return self._replay(self._capture(size, args), args)
+
+    def _capture(self, size, args: list) -> _Captured:
+        inputs = list(args)
+        for i in self.copy_indices:
+            inputs[i] = args[i].clone()
+        reserved = torch.cuda.memory_reserved()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool.handle):
+            outputs = call_boxed(self.compiled, inputs)
+        captured = _Captured(graph, inputs, outputs, [args[i].data_ptr() for i in self.static_indices])
+        self.graphs[size] = captured
+        stats = self.pool.stats
+        stats.captured_graphs += 1
+        stats.pool_bytes += torch.cuda.memory_reserved() - reserved
+        if size is not None and size not in stats.sizes:
+            stats.sizes = tuple(sorted(stats.sizes + (size,)))
+        logger.debug("captured CUDA graph for size %s", size)
+        return captured
+
+    def _replay(self, captured: _Captured, args: list):
+        inputs = captured.inputs
+        for i in self.copy_indices:
+            if args[i].data_ptr() != inputs[i].data_ptr():
+                inputs[i].copy_(args[i])
+        if self.pool.debug_addresses:
+            moved = [i for i, p in zip(self.static_indices, captured.static_ptrs) if args[i].data_ptr() != p]
+            if moved:
+                raise RuntimeError(f"static inputs {moved} moved since their CUDA graph was captured; "
+                                   "a weight or KV cache was reallocated after compile")
+        captured.graph.replay()
+        return captured.outputs

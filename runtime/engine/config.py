@@ -1,0 +1,127 @@
+"""The engine's one configuration object: what to load, how big to batch, how to run the model."""
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+DEVICE_TYPES = ("cpu", "cuda")
+DEFAULT_MAX_MODEL_LEN = 4096  # cap on max_model_len when it is taken from the model config
+DEFAULT_CPU_KV_CACHE_BYTES = 256 * 2**20
+
+
+def default_capture_sizes(max_num_seqs: int) -> tuple[int, ...]:
+    """Decode batch sizes to pad to (and, later, capture): 1, 2, 4, 8, 16, ... up to ``max_num_seqs``."""
+    sizes = [1, 2, 4] + list(range(8, max_num_seqs + 8, 8))
+    return tuple(s for s in sizes if s < max_num_seqs) + (max_num_seqs,)
+
+
+def _freeze(value: Any) -> Any:
+    """Lists become tuples so an option value can live in a frozen, hashable config."""
+    return tuple(_freeze(v) for v in value) if isinstance(value, (list, tuple)) else value
+
+
+@dataclass(frozen=True, slots=True)
+class EngineConfig:
+    """Everything the engine needs before it looks at the model; never changed after construction.
+
+    Attributes:
+        model: checkpoint folder (``config.json`` + ``*.safetensors`` + tokenizer files).
+        dtype: parameter and KV-cache dtype; ``"auto"`` takes the checkpoint's.
+        device: ``"cpu"``, ``"cuda"`` or ``"cuda:N"``.
+        tensor_parallel_size: only 1 is supported for now.
+        max_model_len: most tokens (prompt plus output) per sequence; ``None`` until
+            :meth:`resolve` fills in ``min(max_position_embeddings, 4096)``.
+        max_num_seqs: most sequences running at once.
+        max_num_batched_tokens: most tokens computed in one step (also the profile run's size).
+        block_size: tokens per KV-cache block.
+        enable_prefix_caching: share the KV blocks of common prompt prefixes.
+        enable_chunked_prefill: split long prompts over several steps.
+        gpu_memory_utilization: fraction of the GPU's memory the engine may use (CUDA only).
+        cpu_kv_cache_bytes: KV-cache size on CPU.
+        compile: run the model through ``torch.compile(backend="infer")``.
+        compile_options: options for the ``infer`` backend, frozen as sorted ``(name, value)`` pairs.
+        enforce_eager: never pad decode batches for (or capture) CUDA graphs.
+        cudagraph_capture_sizes: decode token counts to pad to when CUDA graphs are on; empty
+            means :func:`default_capture_sizes` of ``max_num_seqs``.
+    """
+
+    model: str
+    dtype: str = "auto"
+    device: str = "cpu"
+    tensor_parallel_size: int = 1
+    max_model_len: int | None = None
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 2048
+    block_size: int = 16
+    enable_prefix_caching: bool = True
+    enable_chunked_prefill: bool = True
+    gpu_memory_utilization: float = 0.9
+    cpu_kv_cache_bytes: int = DEFAULT_CPU_KV_CACHE_BYTES
+    compile: bool = True
+    compile_options: tuple[tuple[str, Any], ...] = ()
+    enforce_eager: bool = False
+    cudagraph_capture_sizes: tuple[int, ...] = field(default=())
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "model", str(self.model))
+        options = self.compile_options
+        if isinstance(options, Mapping):
+            options = options.items()
+        object.__setattr__(self, "compile_options", tuple(sorted((str(k), _freeze(v)) for k, v in options)))
+        if not self.cudagraph_capture_sizes:
+            object.__setattr__(self, "cudagraph_capture_sizes", default_capture_sizes(self.max_num_seqs))
+        object.__setattr__(self, "cudagraph_capture_sizes", tuple(sorted(set(self.cudagraph_capture_sizes))))
+        self._validate()
+
+    def _validate(self) -> None:
+        if self.tensor_parallel_size != 1:
+            raise ValueError(f"tensor_parallel_size={self.tensor_parallel_size!r}: tensor parallelism (TP > 1) "
+                             "is not built into the engine yet; use tensor_parallel_size=1")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
+        if self.device.split(":")[0] not in DEVICE_TYPES:
+            raise ValueError(f"device must be 'cpu', 'cuda' or 'cuda:N', got {self.device!r}")
+        positive = ["max_num_seqs", "max_num_batched_tokens", "block_size", "cpu_kv_cache_bytes"]
+        if self.max_model_len is not None:
+            positive.append("max_model_len")
+        for name in positive:
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+        if self.max_num_batched_tokens < self.max_num_seqs:
+            raise ValueError(f"max_num_batched_tokens={self.max_num_batched_tokens} must be >= "
+                             f"max_num_seqs={self.max_num_seqs}")
+        if not 0.0 < self.gpu_memory_utilization <= 1.0:
+            raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization!r}")
+        for name in ("enable_prefix_caching", "enable_chunked_prefill", "compile", "enforce_eager"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
+        sizes = self.cudagraph_capture_sizes
+        if not all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in sizes):
+            raise ValueError(f"cudagraph_capture_sizes must be positive ints, got {sizes!r}")
+
+    @property
+    def device_type(self) -> str:
+        return self.device.split(":")[0]
+
+    @property
+    def use_cudagraphs(self) -> bool:
+        """Whether decode batches are padded to a capture size (CUDA and not ``enforce_eager``)."""
+        return self.device_type == "cuda" and not self.enforce_eager
+
+    @property
+    def compile_options_dict(self) -> dict[str, Any]:
+        return dict(self.compile_options)
+
+    def resolve(self, hf_config: Any) -> "EngineConfig":
+        """A copy with ``max_model_len`` checked against (or taken from) the model's config."""
+        limit = getattr(hf_config, "max_position_embeddings", None)
+        max_len = self.max_model_len
+        if max_len is None:
+            max_len = min(limit, DEFAULT_MAX_MODEL_LEN) if limit else DEFAULT_MAX_MODEL_LEN
+        elif limit and max_len > limit:
+            raise ValueError(f"max_model_len={max_len} exceeds the model's max_position_embeddings={limit}")
+        return dataclasses.replace(self, max_model_len=max_len)

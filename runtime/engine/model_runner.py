@@ -1,0 +1,160 @@
+"""Runs one scheduled batch through the model: flat inputs, attention metadata, logits, sampling."""
+from __future__ import annotations
+
+import bisect
+import logging
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from ..attention import AttentionMetadata, forward_context
+from .config import EngineConfig
+from .kv_cache import attention_layers, bind_kv_cache, release_kv_cache
+from .sampler import sample
+from .sampling import SamplingParams
+from .scheduler import ScheduledBatch
+
+logger = logging.getLogger(__name__)
+
+PAD_TOKEN_ID = 0  # input id of a padding token (its KV slot is -1, its output is ignored)
+PROFILE_SAMPLING = SamplingParams(temperature=1.0, top_p=0.9)  # the costliest sampling path
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+@dataclass(frozen=True, slots=True)
+class StepInputs:
+    """Device inputs of one forward step.
+
+    Attributes:
+        input_ids: ``[T_pad] int64`` new tokens of every entry, then padding.
+        positions: ``[T_pad] int64`` their positions.
+        metadata: paged-attention metadata (padding tokens have slot -1).
+        logits_indices: ``[N] int64`` rows of the hidden states that sample (last token of each
+            sampling entry, in entry order).
+        num_tokens: real (unpadded) token count.
+    """
+
+    input_ids: Tensor
+    positions: Tensor
+    metadata: AttentionMetadata
+    logits_indices: Tensor
+    num_tokens: int
+
+
+class ModelRunner:
+    """Holds the model (compiled or not) and turns a :class:`ScheduledBatch` into sampled tokens.
+
+    A decode batch runs at :meth:`_padded_size` tokens: the next CUDA-graph capture size when
+    CUDA graphs are on, else its own size. The model's KV caches must already be bound.
+    """
+
+    def __init__(self, model: nn.Module, config: EngineConfig) -> None:
+        if config.max_model_len is None:
+            raise ValueError("EngineConfig.max_model_len must be resolved (EngineConfig.resolve) before running")
+        self.model = model
+        self.config = config
+        self.device = next(model.parameters()).device
+        self.block_size = config.block_size
+        self.capture_sizes = config.cudagraph_capture_sizes if config.use_cudagraphs else ()
+        self.max_blocks_per_seq = _cdiv(config.max_model_len, config.block_size)
+        self.compiled = config.compile
+        self._forward = model.forward
+        if config.compile:
+            self._forward = torch.compile(model.forward, backend="infer", options=config.compile_options_dict)
+
+    def _padded_size(self, num_tokens: int) -> int:
+        """Token count a decode batch of ``num_tokens`` runs at (CUDA-graph hook).
+
+        The next capture size ``>= num_tokens`` when CUDA graphs are on; ``num_tokens`` itself
+        otherwise or above the largest capture size.
+        """
+        i = bisect.bisect_left(self.capture_sizes, num_tokens)
+        return self.capture_sizes[i] if i < len(self.capture_sizes) else num_tokens
+
+    def prepare(self, batch: ScheduledBatch) -> StepInputs:
+        """Flatten the batch: ids and positions ``start..end-1`` per entry, metadata, logits rows."""
+        ids: list[int] = []
+        positions: list[int] = []
+        query_lens: list[int] = []
+        seq_lens: list[int] = []
+        tables: list[list[int]] = []
+        logits_rows: list[int] = []
+        for entry in batch.entries:
+            ids += entry.token_ids
+            positions += range(entry.start, entry.end)
+            query_lens.append(entry.num_new_tokens)
+            seq_lens.append(entry.end)
+            tables.append(entry.seq.block_table)
+            if entry.sample:
+                logits_rows.append(len(ids) - 1)
+        num_tokens = len(ids)
+        padded = num_tokens if batch.is_prefill else self._padded_size(num_tokens)
+        pad = padded - num_tokens
+        graph_shapes = not batch.is_prefill and bool(self.capture_sizes)
+        metadata = AttentionMetadata.build(
+            query_lens, seq_lens, tables, self.block_size, self.device,
+            max_blocks_per_seq=self.max_blocks_per_seq if graph_shapes else None,
+            pad_tokens_to=padded if pad else None,
+        )
+        return StepInputs(
+            input_ids=self._tensor(ids + [PAD_TOKEN_ID] * pad),  # [T_pad]
+            positions=self._tensor(positions + [0] * pad),  # [T_pad]
+            metadata=metadata,
+            logits_indices=self._tensor(logits_rows),  # [N]
+            num_tokens=num_tokens,
+        )
+
+    def forward(self, input_ids: Tensor, positions: Tensor, metadata: AttentionMetadata) -> Tensor:
+        """``input_ids [T], positions [T] -> hidden [T, H]`` inside the forward context."""
+        if self.compiled:
+            torch._dynamo.mark_dynamic(input_ids, 0)
+            torch._dynamo.mark_dynamic(positions, 0)
+        with forward_context(metadata):
+            return self._forward(input_ids, positions)
+
+    @torch.inference_mode()
+    def run(self, batch: ScheduledBatch) -> Tensor:
+        """Run one step; returns ``[N] int64`` CPU token ids, one per sampling entry in order."""
+        inputs = self.prepare(batch)
+        hidden = self.forward(inputs.input_ids, inputs.positions, inputs.metadata)  # [T_pad, H]
+        sampling = [entry.seq for entry in batch.entries if entry.sample]
+        if not sampling:
+            return torch.empty(0, dtype=torch.int64)
+        logits = self.model.compute_logits(hidden[inputs.logits_indices])  # [N, V]
+        tokens = sample(logits, [s.params for s in sampling], [s.generator for s in sampling])  # [N]
+        return tokens.cpu()
+
+    @torch.inference_mode()
+    def profile_run(self) -> None:
+        """One forward at ``max_num_batched_tokens`` tokens and sampling of ``max_num_seqs`` rows.
+
+        Binds a temporary KV cache just large enough for the dummy batch and releases it after.
+        """
+        config = self.config
+        total, max_len = config.max_num_batched_tokens, config.max_model_len
+        lens = [max_len] * (total // max_len) + ([total % max_len] if total % max_len else [])
+        tables, next_block = [], 0
+        for n in lens:
+            tables.append(list(range(next_block, next_block + _cdiv(n, self.block_size))))
+            next_block += len(tables[-1])
+        layers = attention_layers(self.model)
+        dtype = next(self.model.parameters()).dtype
+        bind_kv_cache(layers, next_block, self.block_size, dtype, self.device)
+        try:
+            metadata = AttentionMetadata.build(lens, lens, tables, self.block_size, self.device)
+            ids = torch.full((total,), PAD_TOKEN_ID, dtype=torch.int64, device=self.device)  # [T]
+            positions = self._tensor([p for n in lens for p in range(n)])  # [T]
+            hidden = self.forward(ids, positions, metadata)  # [T, H]
+            rows = min(config.max_num_seqs, total)
+            logits = self.model.compute_logits(hidden[-rows:])  # [rows, V]
+            sample(logits, [PROFILE_SAMPLING] * rows)
+        finally:
+            release_kv_cache(layers)
+        logger.info("profile run: %d tokens in %d sequences", total, len(lens))
+
+    def _tensor(self, values: list[int]) -> Tensor:
+        return torch.tensor(values, dtype=torch.int64, device=self.device)
