@@ -34,11 +34,17 @@ class GemmPackPass(InferPass):
             key = self._group_key(node)
             if key is not None:
                 groups.setdefault(key, []).append(node)
-        rewrites = 0
+        rewrites, packed = 0, set()
         for members in groups.values():
-            if len(members) >= 2:
-                self._pack(graph, members)
-                rewrites += 1
+            weights = {m.args[-1].args[0] for m in members}
+            if len(members) < 2:
+                continue
+            if weights & packed:  # a weight can be a view of one packed tensor only
+                self.context.near_miss(self.name, members[0], "a weight is already packed with another input")
+                continue
+            packed |= weights
+            self._pack(graph, members)
+            rewrites += 1
         return rewrites
 
     def _group_key(self, node: fx.Node) -> tuple | None:

@@ -142,10 +142,10 @@ class LLM:
         params = self._params_list(sampling_params, len(items))
         if chat and not getattr(self.tokenizer, "chat_template", None):
             raise ValueError(f"chat=True but the tokenizer of {self.config.model} has no chat template")
+        encoded = [self._encode(prompt, chat) for prompt in items]  # raises before anything is queued
         outputs: list[RequestOutput | None] = [None] * len(items)
         pending: dict[int, tuple[int, str | None]] = {}
-        for index, (prompt, sp) in enumerate(zip(items, params)):
-            text, ids, error = self._encode(prompt, chat)
+        for index, ((text, ids, error), sp) in enumerate(zip(encoded, params)):
             if error is not None:
                 outputs[index] = RequestOutput(text, ids, "", [], FINISH_ERROR, error)
                 logger.warning("request %d failed: %s", index, error)
@@ -156,6 +156,8 @@ class LLM:
         with tqdm(total=len(items), disable=not use_tqdm, desc="generate", unit="req") as bar:
             bar.update(len(items) - len(pending))
             for seq in self._run_to_completion():
+                if seq.request_id not in pending:
+                    continue  # left over from a generate call that raised
                 index, text = pending.pop(seq.request_id)
                 outputs[index] = self._output(text, seq)
                 bar.update(1)

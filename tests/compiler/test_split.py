@@ -13,8 +13,9 @@ BLOCK = 4
 
 
 def _model(tmp_path, device="cpu", dtype=torch.float32, layers=2):
+    head_dim = 64 if device == "cuda" else 16  # the Triton kernels take head_dim 64, 128, 256
     cfg = transformers.Qwen3Config(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=layers,
-                                   num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                                   num_attention_heads=4, num_key_value_heads=2, head_dim=head_dim,
                                    max_position_embeddings=256)
     torch.manual_seed(0)
     transformers.Qwen3ForCausalLM(cfg).save_pretrained(tmp_path)

@@ -51,8 +51,16 @@ def no_weight_norm(a, b, w):
     return (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-6)).to(s.dtype), s - w
 
 
+def gemma_weight_after_add(a, b, w):  # the `1 + w` weight is computed after the add
+    s = a + b
+    h = s.float()
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-6)
+    return (h * (1.0 + w.float())).type_as(s), s * 2
+
+
 # name -> (fn, fused ops expected)
 MATCHING = {
+    "gemma_weight_after_add": (gemma_weight_after_add, 1),
     "sum_used_after": (sum_used_after, 1),
     "final_norm": (final_norm, 1),
     "sum_used_before": (sum_used_before, 1),
@@ -62,7 +70,7 @@ MATCHING = {
 
 
 def normed_graph(fn, *args):
-    """`fn` traced, with RMSNormPass already run; returns the graph module and its norm count."""
+    """`fn` traced, with RMSNormPass already run (and at least one norm fused)."""
     gm = aten_graph(fn, *args)
     norms, _ = run_pass(RMSNormPass, gm)
     assert op_counts(gm)[RMS] == norms > 0
@@ -126,7 +134,8 @@ def test_fp32_residual_with_bf16_hidden():
         s = h + residual
         return norm(s, w), s
 
-    args = (torch.randn(5, 96, dtype=torch.bfloat16), torch.randn(5, 96), torch.randn(96, dtype=torch.bfloat16))
+    bf16 = torch.bfloat16
+    args = torch.randn(5, 96, dtype=bf16), torch.randn(5, 96), torch.randn(96, dtype=bf16)
     gm = normed_graph(fn, *args)
     rewrites, _ = run_pass(FusedAddRMSNormPass, gm)
     assert rewrites == 1

@@ -247,16 +247,20 @@ def untransposed_weight(x, w1, w2):
     return F.linear(x, w1), x @ w2.t().contiguous()  # second weight is a [K, N] tensor, no permute
 
 
-@pytest.mark.parametrize("fn", [shared_as_right_operand, untransposed_weight])
-def test_shared_input_on_other_side_not_packed(fn):
+def identity_permutes(x, w1, w2):
+    return x @ w1.permute(0, 1), x @ w2.permute(0, 1)  # [K, N] weights: permute, but not a transpose
+
+
+@pytest.mark.parametrize("fn", [shared_as_right_operand, untransposed_weight, identity_permutes])
+def test_mm_that_is_not_a_linear_not_packed(fn):
     x = torch.randn(5, 48)
     w1, w2 = weights(48, (32, 16), torch.float32)
+    if fn is identity_permutes:
+        w1, w2 = w1[:16].t().contiguous(), w2.t().contiguous()  # [K, 16] each
     gm = run_unchanged(fn, (x, w1, w2), static={1: w1, 2: w2})
     check_outputs(gm(x, w1, w2), fn(x, w1, w2), torch.float32)
 
 
-@pytest.mark.xfail(strict=True, reason="gemm_pack bug: a weight packed into a second group "
-                   "leaves the first packed tensor stale after in-place updates")
 def test_weight_shared_by_two_groups_stays_live():
     def fn(x, y, wa, wb, wc):
         return F.linear(x, wa), F.linear(x, wb), F.linear(y, wa), F.linear(y, wc)

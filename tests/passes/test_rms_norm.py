@@ -151,6 +151,21 @@ def test_eps_is_carried(spelling, eps):
     torch.testing.assert_close(gm(*args), fn(*args), **TOL[torch.float32])
 
 
+@pytest.mark.parametrize("x_dtype,w_dtype", [(torch.bfloat16, torch.float32), (torch.float16, torch.bfloat16),
+                                             (torch.float32, torch.bfloat16)], ids=str)
+@pytest.mark.parametrize("spelling", ["hf_llama", "gemma"])
+def test_weight_dtype_differs_from_input(spelling, x_dtype, w_dtype):
+    """fp32 weights on bf16 activations and the like: the output dtype is eager's promoted one."""
+    fn = SPELLINGS[spelling][0](1e-6)
+    args = torch.randn(2, 3, 100, dtype=x_dtype), torch.randn(100, dtype=w_dtype)
+    gm = aten_graph(fn, *args)
+    rewrites, _ = run_pass(RMSNormPass, gm)
+    assert rewrites == 1 and op_counts(gm)["aten.rsqrt.default"] == 0
+    got, want = gm(*args), fn(*args)
+    assert only_node(gm, RMS).args[4] == want.dtype == got.dtype
+    torch.testing.assert_close(got, want, **TOL[want.dtype])
+
+
 def test_plain_fp32_norm_without_casts():
     def fn(x, w):
         return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-5) * w

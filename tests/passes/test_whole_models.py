@@ -58,7 +58,7 @@ def test_disabled_passes_fuse_nothing():
     with torch.inference_mode():
         logits_of(torch.compile(model, backend="infer", options=options), ids)
     assert ic.last_report().fusions == {}
-    assert set(ic.last_report().passes) == {"noop_elimination"}
+    assert set(ic.last_report().passes) == {"noop_elimination", "defunctionalize"}
 
 
 def test_in_place_weight_update_reaches_packed_gemm():

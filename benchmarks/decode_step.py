@@ -1,0 +1,131 @@
+"""Decode step of a Qwen3-shaped model (random bf16 weights): eager vs compiled modes, vs the floor.
+
+    python -m infer.benchmarks.decode_step [--shape 0.6b|8b] [--batch 1 64] [--context 512]
+        [--modes eager piecewise-eager piecewise-inductor full-eager nopass-piecewise-eager] [--out FILE]
+
+A step is one token for each of `batch` sequences that already hold `context` tokens. Floor =
+(weight bytes read per step + KV bytes read) / copy bandwidth (2 GiB bf16 copy, read + written).
+The embedding counts only for gathered rows; a tied LM head counts in full.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import torch
+import transformers
+
+from ..models.qwen import Qwen3ForCausalLM
+from ..runtime.attention import Attention, AttentionMetadata, forward_context
+
+SHAPES = {
+    "0.6b": dict(hidden_size=1024, num_hidden_layers=28, num_attention_heads=16, num_key_value_heads=8,
+                 head_dim=128, intermediate_size=3072, vocab_size=151936, tie_word_embeddings=True),
+    "8b": dict(hidden_size=4096, num_hidden_layers=36, num_attention_heads=32, num_key_value_heads=8,
+               head_dim=128, intermediate_size=12288, vocab_size=151936, tie_word_embeddings=False),
+}
+BLOCK = 16
+MODES = {  # name -> compile options (None = eager PyTorch, no compile)
+    "eager": None,
+    "piecewise-eager": {"inner_compiler": "eager", "cudagraph_mode": "piecewise"},
+    "piecewise-inductor": {"inner_compiler": "inductor", "cudagraph_mode": "piecewise"},
+    "full-eager": {"inner_compiler": "eager", "cudagraph_mode": "full"},
+    "full-inductor": {"inner_compiler": "inductor", "cudagraph_mode": "full"},
+    "nopass-piecewise-eager": {"inner_compiler": "eager", "cudagraph_mode": "piecewise", "fuse_norm": False,
+                               "fuse_gemm": False, "fuse_activation": False},
+    "nopass-piecewise-inductor": {"inner_compiler": "inductor", "cudagraph_mode": "piecewise",
+                                  "fuse_norm": False, "fuse_gemm": False, "fuse_activation": False},
+}
+
+
+def copy_bandwidth() -> float:
+    src = torch.randn(1 << 30, device="cuda", dtype=torch.bfloat16)
+    dst = torch.empty_like(src)
+    times = []
+    for _ in range(20):
+        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        s.record(); dst.copy_(src); e.record(); e.synchronize()
+        times.append(s.elapsed_time(e))
+    return 2 * src.numel() * 2 / (statistics.median(times) * 1e-3) / 1e9
+
+
+def build(shape: str, num_blocks: int):
+    cfg = transformers.Qwen3Config(**SHAPES[shape], max_position_embeddings=40960)
+    with torch.device("cuda"):
+        model = Qwen3ForCausalLM(cfg).to(torch.bfloat16)
+    for p in model.parameters():
+        torch.nn.init.normal_(p, std=0.02) if p.dim() > 1 else torch.nn.init.ones_(p)
+    for m in model.modules():
+        if isinstance(m, Attention):
+            m.bind_kv_cache(torch.randn(2, num_blocks, BLOCK, m.num_kv_heads, m.head_dim,
+                                        device="cuda", dtype=torch.bfloat16))
+    return model, cfg
+
+
+def floor_bytes(model, cfg, batch: int, context: int) -> int:
+    embed = model.model.embed_tokens.weight
+    weights = sum(p.numel() * p.element_size() for p in model.parameters() if p is not embed)
+    weights += batch * embed.shape[1] * embed.element_size()
+    if cfg.tie_word_embeddings:
+        weights += embed.numel() * embed.element_size()
+    kv = 2 * cfg.num_hidden_layers * batch * (context + 1) * cfg.num_key_value_heads * cfg.head_dim * 2
+    return weights + kv
+
+
+def time_mode(model, options, batch: int, context: int, steps: int = 50) -> tuple[float, float]:
+    blocks_per_seq = (context + 1 + BLOCK - 1) // BLOCK
+    tables = [[b * blocks_per_seq + j for j in range(blocks_per_seq)] for b in range(batch)]
+    md = AttentionMetadata.build([1] * batch, [context + 1] * batch, tables, BLOCK, "cuda")
+    ids = torch.randint(0, 1000, (batch,), device="cuda")
+    pos = torch.full((batch,), context, device="cuda")
+    torch._dynamo.reset()
+    forward = model.forward if options is None else torch.compile(
+        model.forward, backend="infer", options=dict(options, cudagraph_capture_sizes=(batch,)))
+    start = time.perf_counter()
+    with forward_context(md), torch.inference_mode():
+        for _ in range(3):
+            torch._dynamo.mark_dynamic(ids, 0); torch._dynamo.mark_dynamic(pos, 0)
+            forward(ids, pos)
+        torch.cuda.synchronize()
+        startup = time.perf_counter() - start
+        times = []
+        for _ in range(steps):
+            s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            s.record(); forward(ids, pos); e.record(); e.synchronize()
+            times.append(s.elapsed_time(e))
+    return statistics.median(times), startup
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--shape", choices=sorted(SHAPES), default="0.6b")
+    parser.add_argument("--batch", type=int, nargs="+", default=[1, 64])
+    parser.add_argument("--context", type=int, default=512)
+    parser.add_argument("--modes", nargs="+", choices=sorted(MODES), default=list(MODES))
+    parser.add_argument("--out")
+    args = parser.parse_args()
+    bw = copy_bandwidth()
+    blocks = max(args.batch) * ((args.context + BLOCK) // BLOCK + 1)
+    model, cfg = build(args.shape, blocks)
+    rows = []
+    for batch in args.batch:
+        floor_ms = floor_bytes(model, cfg, batch, args.context) / (bw * 1e9) * 1e3
+        for mode in args.modes:
+            ms, startup = time_mode(model, MODES[mode], batch, args.context)
+            rows.append(dict(shape=args.shape, mode=mode, batch=batch, context=args.context, ms=ms,
+                             floor_ms=floor_ms, ratio=ms / floor_ms, startup_s=startup))
+    lines = [f"device {torch.cuda.get_device_name()}, copy bandwidth {bw:.0f} GB/s", "",
+             "| shape | mode | batch | context | ms/step | floor ms | x floor | first 3 calls s |",
+             "|---|---|---|---|---|---|---|---|"]
+    lines += [f"| {r['shape']} | {r['mode']} | {r['batch']} | {r['context']} | {r['ms']:.3f} | "
+              f"{r['floor_ms']:.3f} | {r['ratio']:.2f} | {r['startup_s']:.1f} |" for r in rows]
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(dict(copy_gbps=bw, rows=rows), f, indent=1)
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()

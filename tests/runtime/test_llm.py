@@ -1,0 +1,218 @@
+"""The offline engine end to end on tiny random checkpoints: greedy output equals transformers'."""
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import transformers
+from tokenizers import Tokenizer, models, pre_tokenizers
+
+from infer.compiler import compilation_count
+from infer.runtime import LLM, RequestOutput, SamplingParams
+from infer.runtime.engine.config import EngineConfig
+
+HF_CLASSES = {
+    "llama": ("LlamaConfig", "LlamaForCausalLM"),
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM"),
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM"),
+}
+TINY = dict(vocab_size=256, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, head_dim=16, max_position_embeddings=128, initializer_range=0.1,
+            tie_word_embeddings=False)
+SPECIAL = ["<unk>", "<s>", "</s>"]
+PROMPTS = [[17, 3, 99, 45, 200], [5, 81, 9, 230, 14, 66, 7, 150, 42, 8, 31],
+           [(7 * i + 11) % 250 + 3 for i in range(23)]]
+MAX_TOKENS = 8
+GREEDY = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True)
+SMALL_KV = 1 << 20  # bytes: plenty for these tests, quick to allocate
+CHAT_TEMPLATE = "{% for m in messages %}{{ m['content'] }} {% endfor %}"
+
+
+def tiny_tokenizer(vocab_size: int) -> transformers.PreTrainedTokenizerFast:
+    """A whitespace word-level tokenizer: ``<unk> <s> </s> hello world w5 w6 ...``."""
+    words = SPECIAL + ["hello", "world"] + [f"w{i}" for i in range(len(SPECIAL) + 2, vocab_size)]
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    return transformers.PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>",
+                                                eos_token="</s>", chat_template=CHAT_TEMPLATE)
+
+
+def save_tiny_checkpoint(kind: str, folder: Path, seed: int = 0) -> transformers.PreTrainedModel:
+    """Save a tiny fp32 HF model (non-trivial norms and biases) and a tokenizer into ``folder``."""
+    config_name, model_name = HF_CLASSES[kind]
+    config = getattr(transformers, config_name)(**TINY)
+    config._attn_implementation = "eager"
+    torch.manual_seed(seed)
+    model = getattr(transformers, model_name)(config).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 1:
+                p.add_(0.1 * torch.randn_like(p))
+    model.save_pretrained(folder, safe_serialization=True)
+    tiny_tokenizer(config.vocab_size).save_pretrained(folder)
+    return model
+
+
+@torch.inference_mode()
+def hf_greedy(model: transformers.PreTrainedModel, prompts: list[list[int]], max_tokens: int) -> list[list[int]]:
+    """transformers' greedy continuation of each prompt on its own (no padding), eos ignored."""
+    model.generation_config.eos_token_id = None
+    outs = []
+    for ids in prompts:
+        out = model.generate(torch.tensor([ids]), max_new_tokens=max_tokens, do_sample=False, pad_token_id=0)
+        outs.append(out[0, len(ids):].tolist())
+    return outs
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """``kind -> (folder, hf greedy outputs of PROMPTS)`` for llama, qwen2 and qwen3."""
+    root = tmp_path_factory.mktemp("tiny_llm")
+    built = {}
+    for kind in HF_CLASSES:
+        model = save_tiny_checkpoint(kind, root / kind)
+        built[kind] = (root / kind, hf_greedy(model, PROMPTS, MAX_TOKENS))
+    return built
+
+
+def make_llm(folder: Path, inner: str | None = None, **kwargs) -> LLM:
+    """``inner=None``: no compile; else compile with that inner compiler."""
+    kwargs.setdefault("cpu_kv_cache_bytes", SMALL_KV)
+    return LLM(folder, compile=inner is not None, compile_options={"inner_compiler": inner or "eager"},
+               device="cpu", **kwargs)
+
+
+def token_ids(outputs: list[RequestOutput]) -> list[list[int]]:
+    return [o.token_ids for o in outputs]
+
+
+@pytest.mark.parametrize("kind, inner", [(k, c) for k in HF_CLASSES for c in (None, "eager")] + [("llama", "inductor")])
+def test_greedy_matches_transformers(tiny, kind, inner):
+    folder, expected = tiny[kind]
+    llm = make_llm(folder, inner, block_size=4)
+    before = compilation_count()
+    outputs = llm.generate(PROMPTS, GREEDY, use_tqdm=False)
+    assert token_ids(outputs) == expected
+    assert [o.prompt_token_ids for o in outputs] == PROMPTS
+    assert all(o.finish_reason == "length" and o.error is None for o in outputs)
+    compiled = compilation_count() - before
+    assert (1 <= compiled <= 2) if inner else compiled == 0  # one dynamic-T graph (+ a T=1 one at most)
+
+
+def test_batch_invariance_greedy_and_seeded(tiny):
+    llm = make_llm(tiny["llama"][0])
+    seeded = [SamplingParams(temperature=0.8, top_p=0.9, max_tokens=6, seed=i, ignore_eos=True) for i in range(3)]
+    batched = token_ids(llm.generate(PROMPTS, GREEDY, use_tqdm=False))
+    batched_seeded = token_ids(llm.generate(PROMPTS, seeded, use_tqdm=False))
+    for i, prompt in enumerate(PROMPTS):
+        assert token_ids(llm.generate([prompt], GREEDY, use_tqdm=False)) == [batched[i]]
+        assert token_ids(llm.generate([prompt], seeded[i], use_tqdm=False)) == [batched_seeded[i]]
+
+
+def test_prefix_caching_reuses_blocks_with_same_output(tiny):
+    prefix = [(5 * i + 3) % 250 + 3 for i in range(40)]  # 2.5 blocks of 16
+    prompts = [prefix + [10, 11, 12, 13], prefix + [200, 201]]
+    cached = make_llm(tiny["qwen2"][0])
+    uncached = make_llm(tiny["qwen2"][0], enable_prefix_caching=False)
+    first = cached.generate(prompts[:1], GREEDY, use_tqdm=False)
+    both = cached.generate(prompts, GREEDY, use_tqdm=False)
+    expected = token_ids(uncached.generate(prompts, GREEDY, use_tqdm=False))
+    assert token_ids(first) == expected[:1] and token_ids(both) == expected
+    assert cached.block_manager.stats.hit_blocks >= 4  # 2 prefix blocks for each prompt of the 2nd call
+    assert uncached.block_manager.stats.hit_blocks == 0
+
+
+def test_preemption_recomputes_to_the_same_output(tiny):
+    folder = tiny["llama"][0]
+    params = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
+    expected = token_ids(make_llm(folder, block_size=4).generate(PROMPTS, params, use_tqdm=False))
+    block_bytes = 2 * TINY["num_hidden_layers"] * 4 * TINY["num_key_value_heads"] * TINY["head_dim"] * 4
+    small = make_llm(folder, block_size=4, cpu_kv_cache_bytes=12 * block_bytes)  # 48 tokens, 3 seqs need 76
+    assert small.num_blocks == 12
+    assert token_ids(small.generate(PROMPTS, params, use_tqdm=False)) == expected
+    assert small.scheduler.num_preemptions > 0
+
+
+def test_chunked_prefill_gives_the_same_output(tiny, monkeypatch):
+    folder, expected = tiny["qwen3"]
+    llm = make_llm(folder, max_num_batched_tokens=8, max_num_seqs=4)
+    chunks = []
+    run = llm.runner.run
+
+    def spy(batch):
+        chunks.extend(e for e in batch.entries if not e.sample)
+        return run(batch)
+
+    monkeypatch.setattr(llm.runner, "run", spy)
+    assert token_ids(llm.generate(PROMPTS, GREEDY, use_tqdm=False)) == expected
+    assert chunks and max(e.num_new_tokens for e in chunks) <= 8
+
+
+def test_bad_requests_fail_alone(tiny):
+    folder, expected = tiny["llama"]
+    llm = make_llm(folder)
+    prompts = [PROMPTS[0], [], [5] * 200, PROMPTS[2], [3, 256]]
+    outputs = llm.generate(prompts, GREEDY, use_tqdm=False)
+    assert token_ids([outputs[0], outputs[3]]) == [expected[0], expected[2]]
+    errors = {i: o.error for i, o in enumerate(outputs) if o.finish_reason == "error"}
+    assert sorted(errors) == [1, 2, 4]
+    assert "empty" in errors[1] and "max_model_len=128" in errors[2] and "[0, 256)" in errors[4]
+    text = llm.generate(["hello world", ""], GREEDY, use_tqdm=False)
+    assert text[0].error is None and text[0].prompt_token_ids == [3, 4] and len(text[0].text.split()) == MAX_TOKENS
+    assert text[1].finish_reason == "error" and "empty" in text[1].error
+
+
+def test_usage_errors(tiny, tmp_path):
+    folder = tiny["llama"][0]
+    llm = make_llm(folder)
+    with pytest.raises(ValueError, match="at least one prompt"):
+        llm.generate([], GREEDY)
+    with pytest.raises(ValueError, match="2 SamplingParams for 3 prompts"):
+        llm.generate(PROMPTS, [GREEDY, GREEDY])
+    with pytest.raises(ValueError, match="chat=True needs string prompts"):
+        llm.generate(PROMPTS, GREEDY, chat=True)
+    with pytest.raises(ValueError, match="-1"):
+        SamplingParams(temperature=-1)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        LLM(tmp_path / "missing", compile=False)
+    config = json.loads((folder / "config.json").read_text())
+    (tmp_path / "odd").mkdir()
+    (tmp_path / "odd" / "config.json").write_text(json.dumps({**config, "architectures": ["OddForCausalLM"]}))
+    with pytest.raises(ValueError, match="unsupported model architecture: OddForCausalLM"):
+        LLM(tmp_path / "odd", compile=False)
+    with pytest.raises(ValueError, match="TP > 1"):
+        LLM(folder, tensor_parallel_size=2)
+    with pytest.raises(ValueError, match="exceeds the model's max_position_embeddings=128"):
+        make_llm(folder, max_model_len=4096)
+    with pytest.raises(TypeError, match="unknown arguments"):
+        make_llm(folder, max_num_sequences=3)
+
+
+def test_chat_template_is_applied(tiny):
+    llm = make_llm(tiny["llama"][0])
+    out = llm.generate("hello world", GREEDY, use_tqdm=False, chat=True)[0]
+    assert out.prompt == "hello world" and out.prompt_token_ids == [3, 4] and len(out.token_ids) == MAX_TOKENS
+
+
+@pytest.mark.parametrize("kwargs, bad", [
+    ({"max_num_seqs": 0}, "0"), ({"block_size": -4}, "-4"), ({"gpu_memory_utilization": 1.5}, "1.5"),
+    ({"dtype": "int8"}, "int8"), ({"device": "tpu"}, "tpu"), ({"max_num_batched_tokens": 8}, "8"),
+])
+def test_engine_config_rejects_bad_values(kwargs, bad):
+    with pytest.raises(ValueError, match=bad):
+        EngineConfig(model="m", **kwargs)
+
+
+def test_engine_config_is_frozen_and_resolves_max_model_len():
+    config = EngineConfig(model="m", compile_options={"inner_compiler": "eager", "cudagraph_capture_sizes": [4, 1]},
+                          max_num_seqs=20)
+    assert config.compile_options_dict == {"cudagraph_capture_sizes": (4, 1), "inner_compiler": "eager"}
+    assert config.cudagraph_capture_sizes == (1, 2, 4, 8, 16, 20)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        config.block_size = 32
+    hf = transformers.LlamaConfig(max_position_embeddings=8192)
+    assert config.resolve(hf).max_model_len == 4096 and config.max_model_len is None
+    assert dataclasses.replace(config, max_model_len=100).resolve(hf).max_model_len == 100
