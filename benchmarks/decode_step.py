@@ -54,7 +54,7 @@ def copy_bandwidth() -> float:
 def build(shape: str, num_blocks: int):
     cfg = transformers.Qwen3Config(**SHAPES[shape], max_position_embeddings=40960)
     with torch.device("cuda"):
-        model = Qwen3ForCausalLM(cfg).to(torch.bfloat16)
+        model = Qwen3ForCausalLM(cfg).to(device="cuda", dtype=torch.bfloat16)
     for p in model.parameters():
         torch.nn.init.normal_(p, std=0.02) if p.dim() > 1 else torch.nn.init.ones_(p)
     for m in model.modules():

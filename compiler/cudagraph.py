@@ -83,8 +83,9 @@ class CudaGraphRunner:
 
     def _capture(self, size, args: list) -> _Captured:
         inputs = list(args)
-        for i in self.copy_indices:
-            inputs[i] = args[i].clone()
+        for i in self.copy_indices:  # same strides as the input: the compiled code may assume them
+            a = args[i]
+            inputs[i] = torch.empty_strided(a.size(), a.stride(), dtype=a.dtype, device=a.device).copy_(a)
         reserved = torch.cuda.memory_reserved()
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self.pool.handle):

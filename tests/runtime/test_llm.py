@@ -40,10 +40,10 @@ def tiny_tokenizer(vocab_size: int) -> transformers.PreTrainedTokenizerFast:
                                                 eos_token="</s>", chat_template=CHAT_TEMPLATE)
 
 
-def save_tiny_checkpoint(kind: str, folder: Path, seed: int = 0) -> transformers.PreTrainedModel:
+def save_tiny_checkpoint(kind: str, folder: Path, seed: int = 0, **overrides) -> transformers.PreTrainedModel:
     """Save a tiny fp32 HF model (non-trivial norms and biases) and a tokenizer into ``folder``."""
     config_name, model_name = HF_CLASSES[kind]
-    config = getattr(transformers, config_name)(**TINY)
+    config = getattr(transformers, config_name)(**{**TINY, **overrides})
     config._attn_implementation = "eager"
     torch.manual_seed(seed)
     model = getattr(transformers, model_name)(config).eval()
@@ -100,6 +100,37 @@ def test_greedy_matches_transformers(tiny, kind, inner):
     assert all(o.finish_reason == "length" and o.error is None for o in outputs)
     compiled = compilation_count() - before
     assert (1 <= compiled <= 2) if inner else compiled == 0  # one dynamic-T graph (+ a T=1 one at most)
+    assert token_ids(llm.generate(PROMPTS[::-1], GREEDY, use_tqdm=False)) == expected[::-1]
+    assert compilation_count() - before == compiled  # new batch shapes reuse the graphs
+
+
+@pytest.mark.gpu
+def test_greedy_matches_transformers_on_cuda(tmp_path):
+    """Triton paged attention (head_dim 64), CUDA KV sizing and padded decode batches."""
+    model = save_tiny_checkpoint("llama", tmp_path / "llama", head_dim=64)
+    expected = hf_greedy(model, PROMPTS, MAX_TOKENS)
+    llm = LLM(tmp_path / "llama", dtype="float32", device="cuda", compile=True, gpu_memory_utilization=0.3,
+              compile_options={"inner_compiler": "eager"}, max_num_seqs=8, max_num_batched_tokens=256)
+    assert llm.runner._padded_size(3) == 4 and llm.num_blocks > 0
+    assert token_ids(llm.generate(PROMPTS, GREEDY, use_tqdm=False)) == expected
+
+
+def test_padded_decode_batches_give_the_same_output(tiny, monkeypatch):
+    """The CUDA-graph padding path, exercised on CPU: decode batches of 3 run as 4 tokens."""
+    folder, expected = tiny["qwen2"]
+    llm = make_llm(folder, "eager", block_size=4)
+    monkeypatch.setattr(llm.runner, "capture_sizes", (1, 2, 4, 8))
+    seen = []
+    forward = llm.runner.forward
+
+    def spy(input_ids, positions, metadata):
+        seen.append((input_ids.shape[0], metadata.slot_mapping.tolist(), metadata.block_tables.shape[1]))
+        return forward(input_ids, positions, metadata)
+
+    monkeypatch.setattr(llm.runner, "forward", spy)
+    assert token_ids(llm.generate(PROMPTS, GREEDY, use_tqdm=False)) == expected
+    decode = seen[1:]
+    assert decode and all(n == 4 and slots[3] == -1 and width == 32 for n, slots, width in decode)
 
 
 def test_batch_invariance_greedy_and_seeded(tiny):
