@@ -86,7 +86,7 @@ class CudaGraphRunner:
         for i in self.copy_indices:  # same strides as the input: the compiled code may assume them
             a = args[i]
             inputs[i] = torch.empty_strided(a.size(), a.stride(), dtype=a.dtype, device=a.device).copy_(a)
-        reserved = torch.cuda.memory_reserved()
+        allocated = torch.cuda.memory_allocated()
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self.pool.handle):
             outputs = call_boxed(self.compiled, inputs)
@@ -94,7 +94,7 @@ class CudaGraphRunner:
         self.graphs[size] = captured
         stats = self.pool.stats
         stats.captured_graphs += 1
-        stats.pool_bytes += torch.cuda.memory_reserved() - reserved
+        stats.pool_bytes += torch.cuda.memory_allocated() - allocated  # the pool's live buffers
         if size is not None and size not in stats.sizes:
             stats.sizes = tuple(sorted(stats.sizes + (size,)))
         logger.debug("captured CUDA graph for size %s", size)
