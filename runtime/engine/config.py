@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -63,7 +63,7 @@ class EngineConfig:
     compile: bool = True
     compile_options: tuple[tuple[str, Any], ...] = ()
     enforce_eager: bool = False
-    cudagraph_capture_sizes: tuple[int, ...] = field(default=())
+    cudagraph_capture_sizes: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "model", str(self.model))
