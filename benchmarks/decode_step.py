@@ -25,6 +25,8 @@ SHAPES = {
                  head_dim=128, intermediate_size=3072, vocab_size=151936, tie_word_embeddings=True),
     "8b": dict(hidden_size=4096, num_hidden_layers=36, num_attention_heads=32, num_key_value_heads=8,
                head_dim=128, intermediate_size=12288, vocab_size=151936, tie_word_embeddings=False),
+    "tiny": dict(hidden_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                 head_dim=64, intermediate_size=256, vocab_size=512, tie_word_embeddings=True),  # CPU tests
 }
 BLOCK = 16
 MODES = {  # name -> compile options (None = eager PyTorch, no compile)
@@ -51,16 +53,30 @@ def copy_bandwidth() -> float:
     return 2 * src.numel() * 2 / (statistics.median(times) * 1e-3) / 1e9
 
 
-def build(shape: str, num_blocks: int):
-    cfg = transformers.Qwen3Config(**SHAPES[shape], max_position_embeddings=40960)
-    with torch.device("cuda"):
-        model = Qwen3ForCausalLM(cfg).to(device="cuda", dtype=torch.bfloat16)
-    for p in model.parameters():
-        torch.nn.init.normal_(p, std=0.02) if p.dim() > 1 else torch.nn.init.ones_(p)
+def qwen3_config(shape: str) -> transformers.Qwen3Config:
+    """The ``transformers.Qwen3Config`` of a named shape (see ``SHAPES``)."""
+    if shape not in SHAPES:
+        raise ValueError(f"unknown shape {shape!r}; known: {sorted(SHAPES)}")
+    return transformers.Qwen3Config(**SHAPES[shape], max_position_embeddings=40960)
+
+
+def bind_kv(model, num_blocks: int, device: str = "cuda") -> None:
+    """Give every attention layer its own random ``[2, num_blocks, BLOCK, Hkv, D]`` bf16 cache."""
     for m in model.modules():
         if isinstance(m, Attention):
             m.bind_kv_cache(torch.randn(2, num_blocks, BLOCK, m.num_kv_heads, m.head_dim,
-                                        device="cuda", dtype=torch.bfloat16))
+                                        device=device, dtype=torch.bfloat16))
+
+
+def build(shape: str, num_blocks: int, device: str = "cuda"):
+    """Random-weight bf16 model of ``shape``; ``num_blocks`` KV blocks per layer (0: bind later)."""
+    cfg = qwen3_config(shape)
+    with torch.device(device):
+        model = Qwen3ForCausalLM(cfg).to(device=device, dtype=torch.bfloat16)
+    for p in model.parameters():
+        torch.nn.init.normal_(p, std=0.02) if p.dim() > 1 else torch.nn.init.ones_(p)
+    if num_blocks > 0:
+        bind_kv(model, num_blocks, device)
     return model, cfg
 
 
@@ -74,27 +90,38 @@ def floor_bytes(model, cfg, batch: int, context: int) -> int:
     return weights + kv
 
 
-def time_mode(model, options, batch: int, context: int, steps: int = 50) -> tuple[float, float]:
+def _elapsed_ms(fn, device: str) -> float:
+    """Milliseconds of one ``fn()``: CUDA events on CUDA, a host clock elsewhere."""
+    if device.startswith("cuda"):
+        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        s.record(); fn(); e.record(); e.synchronize()
+        return s.elapsed_time(e)
+    start = time.perf_counter()
+    fn()
+    return (time.perf_counter() - start) * 1e3
+
+
+def time_mode(model, options, batch: int, context: int, steps: int = 50, device: str = "cuda",
+              logits: bool = False) -> tuple[float, float]:
+    """``(median ms per step, seconds of the first 3 calls)``; ``logits`` adds the eager LM head."""
     blocks_per_seq = (context + 1 + BLOCK - 1) // BLOCK
     tables = [[b * blocks_per_seq + j for j in range(blocks_per_seq)] for b in range(batch)]
-    md = AttentionMetadata.build([1] * batch, [context + 1] * batch, tables, BLOCK, "cuda")
-    ids = torch.randint(0, 1000, (batch,), device="cuda")
-    pos = torch.full((batch,), context, device="cuda")
+    md = AttentionMetadata.build([1] * batch, [context + 1] * batch, tables, BLOCK, device)
+    ids = torch.randint(0, min(1000, model.config.vocab_size), (batch,), device=device)
+    pos = torch.full((batch,), context, device=device)
     torch._dynamo.reset()
     forward = model.forward if options is None else torch.compile(
         model.forward, backend="infer", options=dict(options, cudagraph_capture_sizes=(batch,)))
+    step = (lambda: model.compute_logits(forward(ids, pos))) if logits else (lambda: forward(ids, pos))
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
     start = time.perf_counter()
     with forward_context(md), torch.inference_mode():
         for _ in range(3):
             torch._dynamo.mark_dynamic(ids, 0); torch._dynamo.mark_dynamic(pos, 0)
-            forward(ids, pos)
-        torch.cuda.synchronize()
+            step()
+        sync()
         startup = time.perf_counter() - start
-        times = []
-        for _ in range(steps):
-            s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            s.record(); forward(ids, pos); e.record(); e.synchronize()
-            times.append(s.elapsed_time(e))
+        times = [_elapsed_ms(step, device) for _ in range(steps)]
     return statistics.median(times), startup
 
 

@@ -7,6 +7,7 @@ The cache write is done by the Triton write kernel before these calls.
 """
 from __future__ import annotations
 
+import functools
 import importlib.util
 
 import torch
@@ -17,6 +18,7 @@ from .metadata import AttentionMetadata
 FLASH_PAGE_MULTIPLE = 256
 
 
+@functools.lru_cache(maxsize=None)
 def flash_attn_available() -> bool:
     return importlib.util.find_spec("flash_attn") is not None
 

@@ -37,6 +37,7 @@ SUPPORTED_HEAD_DIMS = (64, 128, 256)
 
 
 @functools.lru_cache(maxsize=None)
+@functools.lru_cache(maxsize=None)
 def _triton_available() -> bool:
     return importlib.util.find_spec("triton") is not None
 

@@ -109,12 +109,17 @@ class EngineConfig:
 
     @property
     def use_cudagraphs(self) -> bool:
-        """Whether decode batches are padded to a capture size (CUDA and not ``enforce_eager``)."""
-        return self.device_type == "cuda" and not self.enforce_eager
+        """Whether steps replay CUDA graphs: CUDA, compiled, and not ``enforce_eager``."""
+        return self.device_type == "cuda" and self.compile and not self.enforce_eager
 
     @property
     def compile_options_dict(self) -> dict[str, Any]:
-        return dict(self.compile_options)
+        """Backend options; with CUDA graphs on, piecewise graphs at the capture sizes by default."""
+        options = dict(self.compile_options)
+        if self.use_cudagraphs:
+            options.setdefault("cudagraph_mode", "piecewise")
+            options.setdefault("cudagraph_capture_sizes", self.cudagraph_capture_sizes)
+        return options
 
     def resolve(self, hf_config: Any) -> "EngineConfig":
         """A copy with ``max_model_len`` checked against (or taken from) the model's config."""

@@ -117,6 +117,7 @@ class LLM:
         self.eos_token_ids = eos_token_ids(self.tokenizer, self.hf_config, Path(config.model))
         self.runner = ModelRunner(self.model, self.config)
         self.num_blocks = init_kv_cache(self.model, self.config, self.runner.profile_run)
+        self.capture_seconds = self.runner.capture_cudagraphs()
         manager_cls = BlockManager if self.config.enable_prefix_caching else UncachedBlockManager
         self.block_manager = manager_cls(self.num_blocks, self.config.block_size)
         scheduler_config = SchedulerConfig(

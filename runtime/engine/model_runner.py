@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import bisect
 import logging
+import time
 from dataclasses import dataclass
 
 import torch
@@ -92,9 +93,9 @@ class ModelRunner:
             if entry.sample:
                 logits_rows.append(len(ids) - 1)
         num_tokens = len(ids)
-        padded = num_tokens if batch.is_prefill else self._padded_size(num_tokens)
+        padded = self._padded_size(num_tokens)  # piecewise graphs serve prefill and decode alike
         pad = padded - num_tokens
-        graph_shapes = not batch.is_prefill and bool(self.capture_sizes)
+        graph_shapes = bool(self.capture_sizes)
         metadata = AttentionMetadata.build(
             query_lens, seq_lens, tables, self.block_size, self.device,
             max_blocks_per_seq=self.max_blocks_per_seq if graph_shapes else None,
@@ -127,6 +128,26 @@ class ModelRunner:
         logits = self.model.compute_logits(hidden[inputs.logits_indices])  # [N, V]
         tokens = sample(logits, [s.params for s in sampling], [s.generator for s in sampling])  # [N]
         return tokens.cpu()
+
+    @torch.inference_mode()
+    def capture_cudagraphs(self) -> float:
+        """Warm up and capture every capture size, largest first (one shared pool); returns seconds.
+
+        The dummy steps are all padding: no sequence, every slot -1, so no KV is written."""
+        if not (self.compiled and self.capture_sizes):
+            return 0.0
+        start = time.perf_counter()
+        for size in sorted(self.capture_sizes, reverse=True):
+            metadata = AttentionMetadata.build([], [], [], self.block_size, self.device,
+                                               max_blocks_per_seq=self.max_blocks_per_seq, pad_tokens_to=size)
+            ids = torch.full((size,), PAD_TOKEN_ID, dtype=torch.int64, device=self.device)  # [size]
+            positions = torch.zeros(size, dtype=torch.int64, device=self.device)  # [size]
+            for _ in range(2):  # warm-up, then capture
+                self.forward(ids, positions, metadata)
+        torch.cuda.synchronize()
+        seconds = time.perf_counter() - start
+        logger.info("captured CUDA graphs for %d sizes in %.1fs", len(self.capture_sizes), seconds)
+        return seconds
 
     @torch.inference_mode()
     def profile_run(self) -> None:
