@@ -143,6 +143,8 @@ def main() -> None:
             ms, startup = time_mode(model, MODES[mode], batch, args.context)
             rows.append(dict(shape=args.shape, mode=mode, batch=batch, context=args.context, ms=ms,
                              floor_ms=floor_ms, ratio=ms / floor_ms, startup_s=startup))
+            print(f"{mode} batch {batch}: {ms:.3f} ms/step ({ms / floor_ms:.2f}x floor), "
+                  f"first calls {startup:.1f}s", flush=True)
     lines = [f"device {torch.cuda.get_device_name()}, copy bandwidth {bw:.0f} GB/s", "",
              "| shape | mode | batch | context | ms/step | floor ms | x floor | first 3 calls s |",
              "|---|---|---|---|---|---|---|---|"]

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from .decode_step import qwen3_config
-from .harness import Column, Settings, Table, measure, median_ms, ok_rows, release_memory, status_of
+from .harness import Column, Settings, Table, measure, median_ms, ok_rows, open_table, release_memory, status_of
 
 logger = logging.getLogger(__name__)
 
@@ -138,8 +138,8 @@ COLUMNS = [Column("shape", "shape"), Column("batch", "batch"), Column("context",
 
 
 def run(settings: Settings, rates: Rates | None = None) -> Table:
-    table = Table("floor", "Decode floor: bytes per step / copy bandwidth, and GEMMs alone", COLUMNS,
-                  settings.device, settings.out_dir)
+    table = open_table(settings, "floor", "Decode floor: bytes per step / copy bandwidth, and GEMMs alone", COLUMNS,
+                       ("shape", "batch", "context"))
     rates = rates or measure_rates(settings.device)
     table.meta.update(copy_gbps=rates.copy_gbps, matmul_tflops=rates.matmul_tflops)
     table.note("floor = (weights read + KV read) / copy bandwidth; matmul-rate ms = 2 x matmul weights x batch "
@@ -184,12 +184,16 @@ def _gemm_row(gemm: GemmStep, cfg: Any, batch: int, timed: dict[int, float], ite
     return dict(gemm_ms=ms, gemm_gbps=weight_bytes(cfg, batch) / (ms * 1e6), gemm_x_floor=ms / weights_ms)
 
 
-def plot(ax, table: Table) -> None:
+def plot(fig, table: Table) -> None:
+    ax = fig.subplots()
     for shape in dict.fromkeys(r["shape"] for r in table.rows):
-        for context in dict.fromkeys(r["context"] for r in table.rows if r["shape"] == shape):
-            rows = [r for r in table.rows if r["shape"] == shape and r["context"] == context]
-            ax.plot([r["batch"] for r in rows], [r["floor_ms"] for r in rows], "o-", label=f"{shape} ctx {context} floor")
-        rows = [r for r in ok_rows(table, shape=shape) if r["context"] == table.rows[0]["context"]]
+        contexts = list(dict.fromkeys(r["context"] for r in table.rows if r["shape"] == shape))
+        for context in contexts:
+            rows = sorted((r for r in table.rows if r["shape"] == shape and r["context"] == context),
+                          key=lambda r: r["batch"])
+            ax.plot([r["batch"] for r in rows], [r["floor_ms"] for r in rows], "o-",
+                    label=f"{shape} ctx {context} floor")
+        rows = sorted(ok_rows(table, shape=shape, context=contexts[0]), key=lambda r: r["batch"])
         if rows:
             ax.plot([r["batch"] for r in rows], [r["gemm_ms"] for r in rows], "s--", label=f"{shape} GEMMs only")
     ax.set_xscale("log", base=2)

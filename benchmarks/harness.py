@@ -51,6 +51,7 @@ class Settings:
     modes: tuple[str, ...] = ()
     hf: bool = True
     tmp_dir: str | None = None
+    append: bool = False  # keep the rows of an earlier run in out_dir (same device), replacing re-measured ones
 
     @property
     def cuda(self) -> bool:
@@ -107,6 +108,7 @@ class Table:
     columns: list[Column]
     device: str = "cpu"
     out_dir: Path | None = None
+    key: tuple[str, ...] = ()  # fields that name a row: a new row replaces an old one with the same key
     rows: list[dict[str, Any]] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     meta: dict[str, Any] = field(default_factory=dict)
@@ -118,6 +120,9 @@ class Table:
     def add(self, row: dict[str, Any]) -> dict[str, Any]:
         """Append ``row`` (``status`` defaults to ok) and save the JSON so far (survives a kill)."""
         row.setdefault("status", OK)
+        if self.key:
+            name = tuple(row.get(k) for k in self.key)
+            self.rows = [r for r in self.rows if tuple(r.get(k) for k in self.key) != name]
         self.rows.append(row)
         logger.info("[%s] %s", self.scenario, _short(row))
         self.write_json(partial=True)
@@ -153,11 +158,11 @@ class Table:
             lines.append("| " + " | ".join(cells) + " |")
         return "\n".join(lines) + "\n"
 
-    def finish(self, plot: Callable[[Any, "Table"], None] | None = None) -> str:
-        """Write JSON, markdown and (when ``plot`` draws on a matplotlib Axes) the PNG."""
+    def finish(self, plot: Callable[[Any, "Table"], None] | None = None, partial: bool = False) -> str:
+        """Write JSON, markdown and (when ``plot`` draws on a matplotlib figure) the PNG."""
         if self.out_dir is not None and plot is not None:
             save_plot(self, plot)
-        self.write_json()
+        self.write_json(partial)
         text = self.markdown()
         if self.out_dir is not None:
             (self.out_dir / f"{self.scenario}.md").write_text(text)
@@ -165,8 +170,30 @@ class Table:
         return text
 
 
+def open_table(settings: Settings, scenario: str, title: str, columns: list[Column],
+               key: tuple[str, ...]) -> Table:
+    """A new :class:`Table`; with ``settings.append`` it starts from the rows already in ``out_dir``."""
+    table = Table(scenario, title, columns, settings.device, settings.out_dir, key=key)
+    path = settings.out_dir / f"{scenario}.json" if settings.out_dir else None
+    if not settings.append or path is None or not path.is_file():
+        return table
+    try:
+        earlier = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        logger.warning("--append: cannot read %s (%s); starting a new table", path, err)
+        return table
+    if earlier.get("device") != table.env["device"]:
+        logger.warning("--append: %s was measured on %r, not %r; starting a new table", path,
+                       earlier.get("device"), table.env["device"])
+        return table
+    table.rows = list(earlier.get("rows", []))
+    table.note(f"rows appended to those of {earlier.get('date')}")
+    logger.info("--append: %d earlier rows from %s", len(table.rows), path)
+    return table
+
+
 def save_plot(table: Table, draw: Callable[[Any, Table], None]) -> None:
-    """``draw(ax, table)`` into ``<scenario>.png``; matplotlib is optional (a note when it fails)."""
+    """``draw(figure, table)`` into ``<scenario>.png``; matplotlib is optional (a note when it fails)."""
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -174,10 +201,10 @@ def save_plot(table: Table, draw: Callable[[Any, Table], None]) -> None:
     except Exception as err:  # noqa: BLE001
         table.note(f"no plot: matplotlib unavailable ({err})")
         return
-    fig, ax = plt.subplots(figsize=(8, 5))
+    fig = plt.figure(figsize=(9, 5.5))
     try:
-        draw(ax, table)
-        ax.set_title(f"{table.title}\n{table.env['device']}, {table.env['date'][:10]}", fontsize=9)
+        draw(fig, table)
+        fig.suptitle(f"{table.title}\n{table.env['device']}, {table.env['date'][:10]}", fontsize=9)
         fig.tight_layout()
         table.out_dir.mkdir(parents=True, exist_ok=True)
         fig.savefig(table.out_dir / f"{table.scenario}.png", dpi=120)

@@ -13,8 +13,10 @@ w3 w4 ...``, one word per id) that ``infer.LLM`` can load.
 """
 from __future__ import annotations
 
+import copy
 import inspect
 import logging
+import statistics
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -33,11 +35,13 @@ WARMUP_CALLS = 3  # compile + CUDA-graph warm-up and record happen in these
 
 def build_hf_model(cfg: Any, device: str) -> torch.nn.Module:
     """A random bf16 ``transformers.Qwen3ForCausalLM`` (HF's own init, std 0.02) in eval mode."""
-    cfg = transformers.Qwen3Config(**cfg.to_dict())
+    cfg = copy.deepcopy(cfg)  # the caller's config stays as it was
     cfg._attn_implementation = "sdpa"
     with torch.device(device), default_dtype(torch.bfloat16):
         model = transformers.Qwen3ForCausalLM(cfg)
-    return model.to(device=device, dtype=torch.bfloat16).eval()
+    if next(model.parameters()).dtype != torch.bfloat16:  # a transformers that ignored the default dtype
+        model = model.to(dtype=torch.bfloat16)
+    return model.to(device=device).eval()
 
 
 def make_tokenizer(vocab_size: int) -> transformers.PreTrainedTokenizerFast:
@@ -55,8 +59,9 @@ def save_checkpoint(cfg: Any, folder: str | Path, device: str) -> Path:
     """Random bf16 weights (safetensors), ``config.json`` and a tokenizer in ``folder``."""
     folder = Path(folder)
     start = time.perf_counter()
+    cfg = copy.deepcopy(cfg)
+    cfg.bos_token_id, cfg.eos_token_id = 1, 2  # the tokenizer's <s> and </s>
     model = build_hf_model(cfg, device)
-    model.config.eos_token_id, model.config.bos_token_id = 2, 1
     model.save_pretrained(folder)
     del model
     make_tokenizer(cfg.vocab_size).save_pretrained(folder)
@@ -122,8 +127,7 @@ def _timed(call: Callable[[], Any], reset: Callable[[], None], steps: int, devic
     for _ in range(steps):
         times.append(median_ms(call, device, 1, warmup=0))
         reset()
-    times.sort()
-    return times[len(times) // 2], startup
+    return statistics.median(times), startup
 
 
 @torch.inference_mode()
@@ -134,12 +138,13 @@ def time_hf_eager(model, batch: int, context: int, steps: int, device: str) -> t
 
 
 @torch.inference_mode()
-def time_hf_static_compiled(model, batch: int, context: int, steps: int, device: str) -> tuple[float, float]:
+def time_hf_static_compiled(model, batch: int, context: int, steps: int, device: str,
+                            fullgraph: bool = True) -> tuple[float, float]:
     torch._dynamo.reset()
     cache = static_cache(model.config, batch, context + STATIC_SLACK, device)
     set_length(cache, context)
     kwargs = _step_kwargs(model, cache, batch, context, device)
-    forward = torch.compile(model.forward, mode="reduce-overhead", fullgraph=True)
+    forward = torch.compile(model.forward, mode="reduce-overhead", fullgraph=fullgraph)
     mark_step = getattr(torch.compiler, "cudagraph_mark_step_begin", lambda: None)
 
     def call():

@@ -1,0 +1,189 @@
+"""Startup: from ``LLM(...)`` to the first generated token, cold and warm compile caches, per mode.
+
+Each measurement is a fresh process (``python -m infer.benchmarks.startup --child ...``) with
+``TORCHINDUCTOR_CACHE_DIR`` and ``TRITON_CACHE_DIR`` under a new temporary folder per mode:
+"cold" is the first process on the empty folder, "warm" the second on the same folder. The
+child times ``LLM(...)`` and a first ``generate`` of one token, and splits the time with:
+
+- load: the loader's "loaded ..." log record, relative to the start of ``LLM(...)``;
+- dynamo / passes / inner: ``infer.compiler.last_report()`` (the last graph compiled);
+- compile total: Dynamo's own time for every frame it compiled (backend included); "compile
+  rest" = compile total - dynamo - passes - inner (AOT tracing, graph split, other frames);
+
+- capture: ``LLM.capture_seconds`` (the engine captures its decode graphs inside ``LLM(...)``),
+  n/a where the engine does not expose it;
+- other: the rest (tokenizer, KV sizing and profile run execution, first prefill, ...); it can come
+  out small or negative where capture includes compile work that Dynamo also timed.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .decode_step import qwen3_config
+from .harness import Column, Settings, Table, measure, ok_rows, open_table, release_memory, skipped
+from .hf_baselines import save_checkpoint
+from .throughput import LLM_MODES, uses_inductor
+
+logger = logging.getLogger(__name__)
+
+MARKER = "STARTUP_RESULT "
+DEFAULT_MODES = ("inductor", "eager")
+CHILD_TIMEOUT_S = 600
+FIRST_PROMPT = list(range(3, 19))  # 16 token ids
+PHASES = ("cold", "warm")
+
+
+class _LogTimes(logging.Handler):
+    """Keeps ``(time, logger name, message)`` of every record, to date the engine's milestones."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.records: list[tuple[float, str, str]] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append((record.created, record.name, record.getMessage()))
+
+    def first(self, name: str, prefix: str) -> float | None:
+        return next((t for t, n, m in self.records if n.startswith(name) and m.startswith(prefix)), None)
+
+
+def child_main(argv: list[str]) -> int:
+    """The measured process: one ``LLM(...)`` and one first token; prints one JSON line."""
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--child", action="store_true")
+    parser.add_argument("--model", required=True)
+    parser.add_argument("--llm-kwargs", required=True, help="LLM keyword arguments as JSON")
+    parser.add_argument("--device", required=True)
+    parser.add_argument("--max-model-len", type=int, required=True)
+    parser.add_argument("--spawned-at", type=float, required=True, help="time.time() of the parent at spawn")
+    args = parser.parse_args(argv)
+    python_start_s = time.time() - args.spawned_at
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(message)s")
+    times = _LogTimes()
+    logging.getLogger("infer").addHandler(times)
+    logging.getLogger("infer").setLevel(logging.INFO)
+    from ..compiler import compilation_count, last_report
+    from ..runtime.engine.llm import LLM
+    from ..runtime.engine.sampling import SamplingParams
+
+    cuda = args.device.startswith("cuda")
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    wall0, start = time.time(), time.perf_counter()
+    llm = LLM(args.model, dtype="bfloat16", max_model_len=args.max_model_len, compile=True, device=args.device,
+              **json.loads(args.llm_kwargs))
+    sync()
+    init_s = time.perf_counter() - start
+    out = llm.generate([FIRST_PROMPT], SamplingParams(max_tokens=1, ignore_eos=True), use_tqdm=False)
+    sync()
+    ttft_s = time.perf_counter() - start
+    if out[0].finish_reason == "error":
+        raise RuntimeError(f"first request failed: {out[0].error}")
+    report = last_report()
+    loaded = times.first("infer.models.loader", "loaded ")
+    result = dict(python_start_s=python_start_s, init_s=init_s, first_generate_s=ttft_s - init_s, ttft_s=ttft_s,
+                  total_s=python_start_s + ttft_s, load_s=None if loaded is None else loaded - wall0,
+                  compile_total_s=_dynamo_frames_s(), graphs_compiled=compilation_count(),
+                  dynamo_s=getattr(report, "time_dynamo_s", None), passes_s=getattr(report, "time_passes_s", None),
+                  inner_s=getattr(report, "time_inner_s", None),
+                  graphs_captured=getattr(getattr(report, "cudagraphs", None), "captured_graphs", None),
+                  capture_s=getattr(llm, "capture_seconds", None))
+    known = [result["load_s"], result["compile_total_s"], result["capture_s"]]
+    result["other_s"] = ttft_s - sum(v for v in known if v is not None)
+    split = [result[k] for k in ("compile_total_s", "dynamo_s", "passes_s", "inner_s")]
+    if all(v is not None for v in split):  # AOT tracing, graph split, other frames
+        result["compile_rest_s"] = split[0] - sum(split[1:])
+    print(MARKER + json.dumps(result), flush=True)
+    return 0
+
+
+def _dynamo_frames_s() -> float | None:
+    try:
+        from torch._dynamo.utils import compilation_time_metrics
+    except ImportError:
+        return None
+    frames = compilation_time_metrics.get("_compile.compile_inner", [])
+    return float(sum(frames)) if frames else None
+
+
+def spawn(model: Path, llm_kwargs: dict, cache_root: Path, settings: Settings, log: Path | None) -> dict[str, Any]:
+    """Run one child with its compile caches under ``cache_root``; returns its result dict."""
+    env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=str(cache_root / "inductor"),
+               TRITON_CACHE_DIR=str(cache_root / "triton"), PYTHONUNBUFFERED="1")
+    cmd = [sys.executable, "-m", "infer.benchmarks.startup", "--child", "--model", str(model),
+           "--llm-kwargs", json.dumps(llm_kwargs), "--device", settings.device,
+           "--max-model-len", str(4096 if settings.cuda else 256), "--spawned-at", repr(time.time())]
+    try:
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True,
+                              timeout=120 if settings.tiny else CHILD_TIMEOUT_S)
+    except subprocess.TimeoutExpired as err:
+        raise RuntimeError(f"startup child ran past {err.timeout} s") from err
+    if log is not None:
+        log.parent.mkdir(parents=True, exist_ok=True)
+        log.write_text(f"$ {' '.join(cmd)}\n--- stdout\n{proc.stdout}\n--- stderr\n{proc.stderr}")
+    lines = [line for line in proc.stdout.splitlines() if line.startswith(MARKER)]
+    if proc.returncode != 0 or not lines:
+        tail = (proc.stderr.strip().splitlines() or ["(no stderr)"])[-1]
+        raise RuntimeError(f"startup child exited {proc.returncode}: {tail}")
+    return json.loads(lines[-1][len(MARKER):])
+
+
+COLUMNS = [Column("shape", "shape"), Column("mode", "mode"), Column("phase", "cache"),
+           Column("ttft_s", "LLM() to 1st token s", ".1f"), Column("load_s", "load s", ".1f"),
+           Column("dynamo_s", "dynamo s", ".1f"), Column("passes_s", "passes s", ".2f"),
+           Column("inner_s", "inner s", ".1f"), Column("compile_rest_s", "compile rest s", ".1f"),
+           Column("compile_total_s", "compile total s", ".1f"),
+           Column("capture_s", "graph capture s", ".1f"), Column("other_s", "other s", ".1f"),
+           Column("python_start_s", "process start s", ".1f"), Column("graphs_compiled", "graphs")]
+
+
+def run(settings: Settings, llm_modes: tuple[str, ...] = DEFAULT_MODES) -> Table:
+    table = open_table(settings, "startup", "Startup: LLM(...) to first token, cold vs warm compile caches",
+                       COLUMNS, ("shape", "mode", "phase"))
+    shape = settings.shapes[0]
+    cfg = qwen3_config(shape)
+    table.note("dynamo/passes/inner: last compiled graph (compile report); compile total: all Dynamo frames; "
+               "graph capture: LLM.capture_seconds; other: the rest of LLM() + first generate")
+    if not settings.cuda:
+        table.note("CPU run: the engine compiles at the first generate (no profile run on CPU)")
+    with tempfile.TemporaryDirectory(prefix="infer-bench-startup-", dir=settings.tmp_dir) as root:
+        model = save_checkpoint(cfg, Path(root) / "checkpoint", settings.device)
+        release_memory()
+        for mode in llm_modes:
+            for phase in PHASES:
+                base = dict(shape=shape, mode=mode, phase=phase)
+                if not settings.cuda and uses_inductor(mode):
+                    skipped(table, base, "Inductor modes need CUDA here (CPU run: slow C++ compile)")
+                    continue
+                log = settings.out_dir / "startup_logs" / f"{mode}-{phase}.log" if settings.out_dir else None
+                logger.info("startup %s %s %s: spawning a fresh process", shape, mode, phase)
+                measure(table, base, lambda: spawn(model, LLM_MODES[mode], Path(root) / f"cache-{mode}", settings, log))
+    return table
+
+
+def plot(fig, table: Table) -> None:
+    ax = fig.subplots()
+    rows = ok_rows(table)
+    parts = ["load_s", "dynamo_s", "passes_s", "inner_s", "compile_rest_s", "capture_s", "other_s"]
+    labels = [f"{r['mode']}\n{r['phase']}" for r in rows]
+    bottom = [0.0] * len(rows)
+    for part in parts:
+        values = [max(r.get(part) or 0.0, 0.0) for r in rows]
+        ax.bar(labels, values, bottom=bottom, label=part.removesuffix("_s"))
+        bottom = [b + v for b, v in zip(bottom, values)]
+    ax.set_ylabel("seconds, LLM() to first token")
+    ax.legend(fontsize=7)
+
+
+if __name__ == "__main__":
+    sys.exit(child_main(sys.argv[1:]))
