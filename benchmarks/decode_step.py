@@ -37,6 +37,10 @@ MODES = {  # name -> compile options (None = eager PyTorch, no compile)
     "full-inductor": {"inner_compiler": "inductor", "cudagraph_mode": "full"},
     "nopass-piecewise-eager": {"inner_compiler": "eager", "cudagraph_mode": "piecewise", "fuse_norm": False,
                                "fuse_gemm": False, "fuse_activation": False},
+    "nopass-full-eager": {"inner_compiler": "eager", "cudagraph_mode": "full", "fuse_norm": False,
+                          "fuse_gemm": False, "fuse_activation": False},
+    "nopass-full-inductor": {"inner_compiler": "inductor", "cudagraph_mode": "full", "fuse_norm": False,
+                             "fuse_gemm": False, "fuse_activation": False},
     "nopass-piecewise-inductor": {"inner_compiler": "inductor", "cudagraph_mode": "piecewise",
                                   "fuse_norm": False, "fuse_gemm": False, "fuse_activation": False},
 }
