@@ -112,8 +112,8 @@ class ModelRunner:
     def forward(self, input_ids: Tensor, positions: Tensor, metadata: AttentionMetadata) -> Tensor:
         """``input_ids [T], positions [T] -> hidden [T, H]`` inside the forward context."""
         if self.compiled:
-            torch._dynamo.mark_dynamic(input_ids, 0)
-            torch._dynamo.mark_dynamic(positions, 0)
+            torch._dynamo.maybe_mark_dynamic(input_ids, 0)
+            torch._dynamo.maybe_mark_dynamic(positions, 0)
         with forward_context(metadata):
             return self._forward(input_ids, positions)
 
