@@ -58,18 +58,22 @@ def main() -> None:
     options = {"inner_compiler": args.inner_compiler}
     with tempfile.TemporaryDirectory() as folder:
         save_random_checkpoint(args.shape, folder)
-        off, tps_off, llm = run(folder, prompts, args.steps, compile_options=options, enforce_eager=True)
-        del llm
-        gc.collect()
-        torch.cuda.empty_cache()
-        torch._dynamo.reset()
-        on, tps_on, llm = run(folder, prompts, args.steps, compile_options=options)
-    import infer.compiler as ic
-    same = sum(a == b for a, b in zip(off, on))
-    print(ic.last_report().summary())
-    print(f"graphs captured in {llm.capture_seconds:.1f}s")
-    print(f"{args.shape}, {args.prompts} prompts x {args.steps} greedy tokens: graphs off {tps_off:.0f} tok/s, "
-          f"graphs on {tps_on:.0f} tok/s; identical tokens for {same}/{len(prompts)} prompts")
+        results = {}
+        for name, extra in (("graphs off", dict(enforce_eager=True)), ("piecewise graphs", {}),
+                            ("full decode graphs", dict(cudagraph_mode="full"))):
+            mode_options = dict(options, **({"cudagraph_mode": "full"} if "cudagraph_mode" in extra else {}))
+            kwargs = {k: v for k, v in extra.items() if k != "cudagraph_mode"}
+            tokens, tps, llm = run(folder, prompts, args.steps, compile_options=mode_options, **kwargs)
+            results[name] = (tokens, tps, llm.capture_seconds)
+            del llm
+            gc.collect()
+            torch.cuda.empty_cache()
+            torch._dynamo.reset()
+    reference = results["graphs off"][0]
+    for name, (tokens, tps, capture) in results.items():
+        same = sum(a == b for a, b in zip(reference, tokens))
+        print(f"{args.shape}, {args.prompts} prompts x {args.steps} greedy tokens, {name}: {tps:.0f} tok/s, "
+              f"capture {capture:.1f}s, tokens identical to graphs-off for {same}/{len(prompts)} prompts")
 
 
 if __name__ == "__main__":

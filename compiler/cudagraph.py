@@ -22,8 +22,9 @@ class CudaGraphStats:
 class CudaGraphPool:
     """One memory pool shared by every graph captured for one compiled model."""
 
-    def __init__(self, debug_addresses: bool = False) -> None:
+    def __init__(self, debug_addresses: bool = False, full_graph: bool = False) -> None:
         self.debug_addresses = debug_addresses
+        self.full_graph = full_graph  # graphs hold the attention op: its metadata must not move
         self.stats = CudaGraphStats()
         self._handle = None
 
@@ -40,6 +41,7 @@ class _Captured:
     inputs: list  # static buffers the graph reads
     outputs: object
     static_ptrs: list[int]
+    metadata_ptrs: tuple[int, ...] | None  # full graphs: the attention metadata baked into the graph
 
 
 class CudaGraphRunner:
@@ -71,11 +73,15 @@ class CudaGraphRunner:
         size = args[self.size_index].shape[0] if self.size_index is not None else None
         captured = self.graphs.get(size)
         if captured is not None:
+            if captured.metadata_ptrs is not None and captured.metadata_ptrs != _metadata_ptrs():
+                return call_boxed(self.compiled, args)  # other metadata (a prefill): run, do not replay
             return self._replay(captured, args)
         on_cuda = any(isinstance(a, torch.Tensor) and a.is_cuda for a in args)
         if not on_cuda or (size is not None and size not in self.capture_sizes) \
                 or torch.cuda.is_current_stream_capturing():
             return call_boxed(self.compiled, args)
+        if self.pool.full_graph and not _is_uniform_decode():
+            return call_boxed(self.compiled, args)  # full graphs are captured for decode steps only
         if size not in self.warmed:
             self.warmed.add(size)
             return call_boxed(self.compiled, args)
@@ -90,7 +96,8 @@ class CudaGraphRunner:
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self.pool.handle):
             outputs = call_boxed(self.compiled, inputs)
-        captured = _Captured(graph, inputs, outputs, [args[i].data_ptr() for i in self.static_indices])
+        metadata = _metadata_ptrs() if self.pool.full_graph else None
+        captured = _Captured(graph, inputs, outputs, [args[i].data_ptr() for i in self.static_indices], metadata)
         self.graphs[size] = captured
         stats = self.pool.stats
         stats.captured_graphs += 1
@@ -112,3 +119,22 @@ class CudaGraphRunner:
                                    "a weight or KV cache was reallocated after compile")
         captured.graph.replay()
         return captured.outputs
+
+
+def _is_uniform_decode() -> bool:
+    from ..runtime.attention.context import current_forward_context
+    md = current_forward_context()
+    return md is None or md.is_uniform_decode
+
+
+def _metadata_ptrs() -> tuple[int, ...] | None:
+    """Addresses of the current attention metadata tensors (full graphs read them on replay).
+
+    A full graph may only replay with the very buffers it was captured with; callers update
+    those buffers in place between steps. Any other metadata runs the compiled code uncaptured."""
+    from ..runtime.attention.context import current_forward_context
+    md = current_forward_context()
+    if md is None:
+        return None
+    return (md.slot_mapping.data_ptr(), md.query_start_loc.data_ptr(), md.seq_lens.data_ptr(),
+            md.block_tables.data_ptr(), md.max_query_len, md.num_seqs)

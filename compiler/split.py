@@ -20,7 +20,9 @@ def splitting_nodes(graph: fx.Graph, splitting_ops: Sequence[str]) -> list[fx.No
 def compile_pieces(gm: fx.GraphModule, example_inputs: Sequence, is_static: list[bool],
                    config: CompilerConfig, report: CompileReport) -> Callable:
     """One callable for the graph: compiled pieces around the splitting ops, CUDA graphs if asked."""
-    pool = CudaGraphPool(config.debug_cudagraph_addresses) if config.cudagraph_mode != "none" else None
+    pool = None
+    if config.cudagraph_mode != "none":
+        pool = CudaGraphPool(config.debug_cudagraph_addresses, full_graph=config.cudagraph_mode == "full")
     report.cudagraphs = pool.stats if pool is not None else None
     splits = [] if config.cudagraph_mode == "full" else splitting_nodes(gm.graph, config.splitting_ops)
     if not splits:

@@ -39,3 +39,8 @@ def get_forward_context() -> AttentionMetadata:
             "wrap the model call in `with forward_context(metadata):`"
         )
     return metadata
+
+
+def current_forward_context() -> AttentionMetadata | None:
+    """The innermost active metadata, or None outside any ``forward_context``."""
+    return getattr(_state, "metadata", None)

@@ -11,6 +11,7 @@ from torch import Tensor, nn
 
 from ..attention import AttentionMetadata, forward_context
 from .config import EngineConfig
+from .decode_buffers import DecodeBuffers
 from .kv_cache import attention_layers, bind_kv_cache, release_kv_cache
 from .sampler import sample
 from .sampling import SamplingParams
@@ -64,8 +65,12 @@ class ModelRunner:
         self.max_blocks_per_seq = _cdiv(config.max_model_len, config.block_size)
         self.compiled = config.compile
         self._forward = model.forward
+        options = config.compile_options_dict
         if config.compile:
-            self._forward = torch.compile(model.forward, backend="infer", options=config.compile_options_dict)
+            self._forward = torch.compile(model.forward, backend="infer", options=options)
+        # Full graphs hold attention too: decode steps then run on static per-size buffers.
+        self.full_graph = bool(self.capture_sizes) and options.get("cudagraph_mode") == "full"
+        self.decode_buffers: dict[int, DecodeBuffers] = {}
 
     def _padded_size(self, num_tokens: int) -> int:
         """Token count a decode batch of ``num_tokens`` runs at (CUDA-graph hook).
@@ -76,8 +81,30 @@ class ModelRunner:
         i = bisect.bisect_left(self.capture_sizes, num_tokens)
         return self.capture_sizes[i] if i < len(self.capture_sizes) else num_tokens
 
+    def _buffers(self, size: int) -> DecodeBuffers:
+        if size not in self.decode_buffers:
+            self.decode_buffers[size] = DecodeBuffers.allocate(
+                size, self.max_blocks_per_seq, self.config.max_model_len, self.device)
+        return self.decode_buffers[size]
+
+    def _prepare_full_graph_decode(self, batch: ScheduledBatch) -> StepInputs | None:
+        """A decode step on the static buffers of its padded size (None: not a full-graph step)."""
+        n = len(batch.entries)
+        size = self._padded_size(n)
+        if batch.is_prefill or size not in self.capture_sizes:
+            return None
+        buffers = self._buffers(size)
+        buffers.fill([e.token_ids[0] for e in batch.entries], [e.start for e in batch.entries],
+                     [e.seq.block_table for e in batch.entries], self.block_size)
+        return StepInputs(buffers.input_ids, buffers.positions, buffers.metadata,
+                          torch.arange(n, device=self.device), n)
+
     def prepare(self, batch: ScheduledBatch) -> StepInputs:
         """Flatten the batch: ids and positions ``start..end-1`` per entry, metadata, logits rows."""
+        if self.full_graph:
+            inputs = self._prepare_full_graph_decode(batch)
+            if inputs is not None:
+                return inputs
         ids: list[int] = []
         positions: list[int] = []
         query_lens: list[int] = []
@@ -138,10 +165,15 @@ class ModelRunner:
             return 0.0
         start = time.perf_counter()
         for size in sorted(self.capture_sizes, reverse=True):
-            metadata = AttentionMetadata.build([], [], [], self.block_size, self.device,
-                                               max_blocks_per_seq=self.max_blocks_per_seq, pad_tokens_to=size)
-            ids = torch.full((size,), PAD_TOKEN_ID, dtype=torch.int64, device=self.device)  # [size]
-            positions = torch.zeros(size, dtype=torch.int64, device=self.device)  # [size]
+            if self.full_graph:
+                buffers = self._buffers(size)
+                buffers.clear()
+                ids, positions, metadata = buffers.input_ids, buffers.positions, buffers.metadata
+            else:
+                metadata = AttentionMetadata.build([], [], [], self.block_size, self.device,
+                                                   max_blocks_per_seq=self.max_blocks_per_seq, pad_tokens_to=size)
+                ids = torch.full((size,), PAD_TOKEN_ID, dtype=torch.int64, device=self.device)  # [size]
+                positions = torch.zeros(size, dtype=torch.int64, device=self.device)  # [size]
             for _ in range(2):  # warm-up, then capture
                 self.forward(ids, positions, metadata)
         torch.cuda.synchronize()
