@@ -38,6 +38,8 @@ LLM_MODES = {  # name -> infer.LLM keyword arguments (on CUDA the engine adds pi
     "inductor": {"compile_options": {"inner_compiler": "inductor"}},
     "eager": {"compile_options": {"inner_compiler": "eager"}},
     "inductor-no-graphs": {"compile_options": {"inner_compiler": "inductor"}, "enforce_eager": True},
+    "inductor-full": {"compile_options": {"inner_compiler": "inductor", "cudagraph_mode": "full"}},
+    "eager-full": {"compile_options": {"inner_compiler": "eager", "cudagraph_mode": "full"}},
 }
 DEFAULT_MODES = ("inductor", "eager")
 MAX_MODEL_LEN = 4096
