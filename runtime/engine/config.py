@@ -114,10 +114,11 @@ class EngineConfig:
 
     @property
     def compile_options_dict(self) -> dict[str, Any]:
-        """Backend options; with CUDA graphs on, piecewise graphs at the capture sizes by default."""
+        """Backend options; with CUDA graphs on, full decode graphs at the capture sizes by default
+        (prefill steps run the compiled graph uncaptured; `cudagraph_mode="piecewise"` selectable)."""
         options = dict(self.compile_options)
         if self.use_cudagraphs:
-            options.setdefault("cudagraph_mode", "piecewise")
+            options.setdefault("cudagraph_mode", "full")
             options.setdefault("cudagraph_capture_sizes", self.cudagraph_capture_sizes)
         return options
 
