@@ -15,7 +15,6 @@ import argparse
 import itertools
 import json
 import logging
-import statistics
 
 import torch
 
@@ -27,18 +26,9 @@ CHECK_SEQS = 8
 
 
 def _time_ms(fn, iters: int) -> float:
-    """Median milliseconds of ``fn`` over ``iters`` runs (after a warm-up)."""
-    fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(iters):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
+    """Median milliseconds of ``fn`` over ``iters`` runs (after a warm-up), with CUDA events."""
+    from .harness import median_ms
+    return median_ms(fn, "cuda", iters)
 
 
 def copy_bandwidth_gbps(iters: int = 20) -> float:
