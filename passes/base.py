@@ -1,6 +1,7 @@
 """What every pass shares: the compile-time context and the pass interface."""
 from __future__ import annotations
 
+import abc
 import hashlib
 import inspect
 from dataclasses import dataclass, field
@@ -40,7 +41,7 @@ class PassContext:
         self.report.near_misses.append(f"{pass_name}: {node.name}: {reason}")
 
 
-class InferPass:
+class InferPass(abc.ABC):
     """A graph pass: `__call__(graph)` rewrites in place and returns how many rewrites it made."""
 
     name: str = "pass"
@@ -48,8 +49,9 @@ class InferPass:
     def __init__(self, context: PassContext) -> None:
         self.context = context
 
+    @abc.abstractmethod
     def __call__(self, graph: fx.Graph) -> int:
-        raise NotImplementedError(f"{type(self).__name__} must implement __call__")
+        """Rewrite `graph` in place; return the number of rewrites."""
 
     def uuid(self) -> str:
         """A key that changes whenever the pass's source changes (for compile caches)."""
