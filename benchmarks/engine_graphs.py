@@ -14,24 +14,10 @@ import tempfile
 import time
 
 import torch
-import transformers
-from tokenizers import Tokenizer, models
 
 from ..runtime import LLM, SamplingParams
-from .decode_step import SHAPES
-
-
-def save_random_checkpoint(shape: str, folder: str) -> None:
-    cfg = transformers.Qwen3Config(**SHAPES[shape], max_position_embeddings=4096)
-    cfg.dtype = torch.bfloat16
-    torch.manual_seed(0)
-    with torch.device("cuda"):
-        model = transformers.Qwen3ForCausalLM(cfg).to(torch.bfloat16)
-    model.save_pretrained(folder)
-    words = ["<unk>", "<s>", "</s>"] + [f"w{i}" for i in range(cfg.vocab_size - 3)]
-    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
-    transformers.PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>",
-                                         eos_token="</s>").save_pretrained(folder)
+from .decode_step import qwen3_config
+from .hf_baselines import save_checkpoint
 
 
 def run(folder: str, prompts: list[list[int]], steps: int, **kwargs) -> tuple[list[list[int]], float, object]:
@@ -57,7 +43,7 @@ def main() -> None:
                for n in torch.randint(8, 200, (args.prompts,), generator=gen)]
     options = {"inner_compiler": args.inner_compiler}
     with tempfile.TemporaryDirectory() as folder:
-        save_random_checkpoint(args.shape, folder)
+        save_checkpoint(qwen3_config(args.shape), folder, "cuda")
         results = {}
         for name, extra in (("graphs off", dict(enforce_eager=True)), ("piecewise graphs", {}),
                             ("full decode graphs", dict(cudagraph_mode="full"))):

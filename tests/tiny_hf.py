@@ -39,3 +39,38 @@ def logits_of(model, ids: torch.Tensor) -> torch.Tensor:
     out = model(input_ids=ids, use_cache=False) if not isinstance(model, transformers.BertModel) \
         else model(input_ids=ids)
     return out.logits if hasattr(out, "logits") else out.last_hidden_state
+
+
+CAUSAL_LM = {
+    "llama": ("LlamaConfig", "LlamaForCausalLM"),
+    "mistral": ("MistralConfig", "MistralForCausalLM"),
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM"),
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM"),
+}
+CAUSAL_LM_TINY = dict(vocab_size=256, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                      max_position_embeddings=128, initializer_range=0.1, tie_word_embeddings=False)
+
+
+def make_hf_model(kind: str, seed: int = 0, **overrides) -> transformers.PreTrainedModel:
+    """A tiny fp32 HF causal LM (eager attention) with random biases and non-unit norm weights."""
+    config_name, model_name = CAUSAL_LM[kind]
+    config = getattr(transformers, config_name)(**{**CAUSAL_LM_TINY, **overrides})
+    config._attn_implementation = "eager"
+    torch.manual_seed(seed)
+    model = getattr(transformers, model_name)(config).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 1:
+                p.add_(0.1 * torch.randn_like(p))
+    return model
+
+
+def word_tokenizer(words: list[str], chat_template: str | None = None):
+    """A whitespace word-level tokenizer whose ids are the positions in `words` (<unk> <s> </s> first)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    return transformers.PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>",
+                                                eos_token="</s>", chat_template=chat_template)

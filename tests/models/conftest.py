@@ -9,30 +9,9 @@ import torch
 import transformers
 
 from infer.runtime.attention import Attention, AttentionMetadata, forward_context
+from tiny_hf import CAUSAL_LM, make_hf_model  # noqa: F401  (re-exported to the model tests)
 
-HF_CLASSES = {
-    "llama": ("LlamaConfig", "LlamaForCausalLM"),
-    "mistral": ("MistralConfig", "MistralForCausalLM"),
-    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM"),
-    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM"),
-}
-TINY = dict(vocab_size=256, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-            num_attention_heads=4, num_key_value_heads=2, head_dim=16,
-            max_position_embeddings=128, initializer_range=0.1, tie_word_embeddings=False)
-
-
-def make_hf_model(kind: str, seed: int = 0, **overrides) -> transformers.PreTrainedModel:
-    """A tiny fp32 HF causal LM with random weights, random biases and non-unit norm weights."""
-    config_name, model_name = HF_CLASSES[kind]
-    config = getattr(transformers, config_name)(**{**TINY, **overrides})
-    config._attn_implementation = "eager"
-    torch.manual_seed(seed)
-    model = getattr(transformers, model_name)(config).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() == 1:
-                p.add_(0.1 * torch.randn_like(p))
-    return model
+HF_CLASSES = CAUSAL_LM  # the kinds make_hf_model builds
 
 
 @pytest.fixture

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 import transformers
-from tokenizers import Tokenizer, models, pre_tokenizers
+from tiny_hf import word_tokenizer
 
 from infer.cli import main
 
@@ -26,10 +26,7 @@ def tiny_dir(tmp_path_factory) -> Path:
     torch.manual_seed(0)
     transformers.LlamaForCausalLM(config).save_pretrained(folder, safe_serialization=True)
     words = ["<unk>", "<s>", "</s>", "hello"] + [f"w{i}" for i in range(4, VOCAB)]
-    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    transformers.PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
-                                         chat_template=CHAT_TEMPLATE).save_pretrained(folder)
+    word_tokenizer(words, CHAT_TEMPLATE).save_pretrained(folder)
     return folder
 
 

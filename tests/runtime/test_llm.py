@@ -8,20 +8,13 @@ from pathlib import Path
 import pytest
 import torch
 import transformers
-from tokenizers import Tokenizer, models, pre_tokenizers
 
 from infer.compiler import compilation_count
 from infer.runtime import LLM, RequestOutput, SamplingParams
 from infer.runtime.engine.config import EngineConfig
+from tiny_hf import CAUSAL_LM_TINY as TINY, make_hf_model, word_tokenizer
 
-HF_CLASSES = {
-    "llama": ("LlamaConfig", "LlamaForCausalLM"),
-    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM"),
-    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM"),
-}
-TINY = dict(vocab_size=256, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-            num_key_value_heads=2, head_dim=16, max_position_embeddings=128, initializer_range=0.1,
-            tie_word_embeddings=False)
+KINDS = ("llama", "qwen2", "qwen3")
 SPECIAL = ["<unk>", "<s>", "</s>"]
 PROMPTS = [[17, 3, 99, 45, 200], [5, 81, 9, 230, 14, 66, 7, 150, 42, 8, 31],
            [(7 * i + 11) % 250 + 3 for i in range(23)]]
@@ -34,25 +27,14 @@ CHAT_TEMPLATE = "{% for m in messages %}{{ m['content'] }} {% endfor %}"
 def tiny_tokenizer(vocab_size: int) -> transformers.PreTrainedTokenizerFast:
     """A whitespace word-level tokenizer: ``<unk> <s> </s> hello world w5 w6 ...``."""
     words = SPECIAL + ["hello", "world"] + [f"w{i}" for i in range(len(SPECIAL) + 2, vocab_size)]
-    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    return transformers.PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>",
-                                                eos_token="</s>", chat_template=CHAT_TEMPLATE)
+    return word_tokenizer(words, CHAT_TEMPLATE)
 
 
 def save_tiny_checkpoint(kind: str, folder: Path, seed: int = 0, **overrides) -> transformers.PreTrainedModel:
     """Save a tiny fp32 HF model (non-trivial norms and biases) and a tokenizer into ``folder``."""
-    config_name, model_name = HF_CLASSES[kind]
-    config = getattr(transformers, config_name)(**{**TINY, **overrides})
-    config._attn_implementation = "eager"
-    torch.manual_seed(seed)
-    model = getattr(transformers, model_name)(config).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() == 1:
-                p.add_(0.1 * torch.randn_like(p))
+    model = make_hf_model(kind, seed, **overrides)
     model.save_pretrained(folder, safe_serialization=True)
-    tiny_tokenizer(config.vocab_size).save_pretrained(folder)
+    tiny_tokenizer(model.config.vocab_size).save_pretrained(folder)
     return model
 
 
@@ -72,7 +54,7 @@ def tiny(tmp_path_factory):
     """``kind -> (folder, hf greedy outputs of PROMPTS)`` for llama, qwen2 and qwen3."""
     root = tmp_path_factory.mktemp("tiny_llm")
     built = {}
-    for kind in HF_CLASSES:
+    for kind in KINDS:
         model = save_tiny_checkpoint(kind, root / kind)
         built[kind] = (root / kind, hf_greedy(model, PROMPTS, MAX_TOKENS))
     return built
@@ -89,7 +71,7 @@ def token_ids(outputs: list[RequestOutput]) -> list[list[int]]:
     return [o.token_ids for o in outputs]
 
 
-@pytest.mark.parametrize("kind, inner", [(k, c) for k in HF_CLASSES for c in (None, "eager")] + [("llama", "inductor")])
+@pytest.mark.parametrize("kind, inner", [(k, c) for k in KINDS for c in (None, "eager")] + [("llama", "inductor")])
 def test_greedy_matches_transformers(tiny, kind, inner):
     folder, expected = tiny[kind]
     llm = make_llm(folder, inner, block_size=4)
