@@ -100,22 +100,15 @@ def _ours(table: Table, settings: Settings, model, failure: str | None, modes: l
         except Exception as err:  # noqa: BLE001
             failure = status_of(err)
             release_memory()
-    for mode in modes:
-        row = dict(base, mode=mode)
-        why = None if settings.cuda else _cpu_skip(mode)
-        if failure is not None:
-            table.add(dict(row, status=failure))
-        elif why:
-            skipped(table, row, why)
-        else:
-            def timed(mode=mode) -> dict[str, Any]:
-                try:
-                    ms, startup = time_mode(model, MODES[mode], batch, context, settings.steps, settings.device,
-                                            logits=True)
-                finally:
-                    torch._dynamo.reset()  # drops the graphs that hold the KV cache
-                return _result(ms, startup, batch, nbytes, base["floor_ms"])
-            measure(table, row, timed)
+
+    def timed(mode: str) -> dict[str, Any]:
+        try:
+            ms, startup = time_mode(model, MODES[mode], batch, context, settings.steps, settings.device, logits=True)
+        finally:
+            torch._dynamo.reset()  # drops the graphs that hold the KV cache
+        return _result(ms, startup, batch, nbytes, base["floor_ms"])
+
+    _measure_modes(table, settings, failure, modes, base, timed)
     if model is not None:
         bind_kv(model, 1, settings.device)  # frees this row's KV before the next is allocated
 
@@ -123,6 +116,17 @@ def _ours(table: Table, settings: Settings, model, failure: str | None, modes: l
 def _hf(table: Table, settings: Settings, model, failure: str | None, modes: list[str], base: dict[str, Any],
         nbytes: int) -> None:
     batch, context = base["batch"], base["context"]
+
+    def timed(mode: str) -> dict[str, Any]:
+        ms, startup, extra = _time_hf(table, mode, model, batch, context, settings)
+        return dict(_result(ms, startup, batch, nbytes, base["floor_ms"]), **extra)
+
+    _measure_modes(table, settings, failure, modes, base, timed)
+
+
+def _measure_modes(table: Table, settings: Settings, failure: str | None, modes: list[str], base: dict[str, Any],
+                   timed) -> None:
+    """One row per mode: the shared failure, a CPU skip, or `timed(mode)` measured."""
     for mode in modes:
         row = dict(base, mode=mode)
         why = None if settings.cuda else _cpu_skip(mode)
@@ -131,10 +135,7 @@ def _hf(table: Table, settings: Settings, model, failure: str | None, modes: lis
         elif why:
             skipped(table, row, why)
         else:
-            def timed(mode=mode) -> dict[str, Any]:
-                ms, startup, extra = _time_hf(table, mode, model, batch, context, settings)
-                return dict(_result(ms, startup, batch, nbytes, base["floor_ms"]), **extra)
-            measure(table, row, timed)
+            measure(table, row, lambda mode=mode: timed(mode))
 
 
 def _time_hf(table: Table, mode: str, model, batch: int, context: int, settings: Settings):

@@ -7,6 +7,7 @@ from typing import Callable, Sequence
 
 import torch
 
+from ..runtime.attention.context import current_forward_context
 from .inner import call_boxed
 
 logger = logging.getLogger("infer")
@@ -122,7 +123,6 @@ class CudaGraphRunner:
 
 
 def _is_uniform_decode() -> bool:
-    from ..runtime.attention.context import current_forward_context
     md = current_forward_context()
     return md is None or md.is_uniform_decode
 
@@ -132,7 +132,6 @@ def _metadata_ptrs() -> tuple[int, ...] | None:
 
     A full graph may only replay with the very buffers it was captured with; callers update
     those buffers in place between steps. Any other metadata runs the compiled code uncaptured."""
-    from ..runtime.attention.context import current_forward_context
     md = current_forward_context()
     if md is None:
         return None

@@ -12,7 +12,7 @@ from ..passes.base import PassContext
 from ..passes.manager import PassManager
 from .config import CompilerConfig
 from .errors import InferUsageError
-from .inner import decomposition_table, inner_compile, is_parameter_input
+from .inner import call_boxed, decomposition_table, is_parameter_input
 from .report import REPORTS, CompileReport
 from .split import compile_pieces
 
@@ -68,7 +68,7 @@ def _transform_and_compile(gm: fx.GraphModule, example_inputs: Sequence, static:
 def _with_constants(compiled: Callable, constants: list) -> Callable:
     """Feed the tensors passes created (packed weights) as trailing inputs."""
     def run(args: list):
-        return compiled(list(args) + constants)
+        return call_boxed(compiled, list(args) + constants)
     run._boxed_call = True
     return run
 

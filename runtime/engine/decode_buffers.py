@@ -20,6 +20,7 @@ class DecodeBuffers:
     input_ids: Tensor  # [B] int64
     positions: Tensor  # [B] int64
     metadata: AttentionMetadata  # every tensor static; B sequences of one query token each
+    rows: Tensor  # [B] int64 arange: the rows that sample are rows[:n]
 
     @classmethod
     def allocate(cls, size: int, max_blocks_per_seq: int, max_model_len: int, device) -> "DecodeBuffers":
@@ -31,7 +32,7 @@ class DecodeBuffers:
             block_tables=torch.zeros(size, max_blocks_per_seq, **ints),
             max_query_len=1, max_seq_len=max_model_len, num_seqs=size, num_tokens=size)
         zeros = torch.zeros(size, dtype=torch.int64, device=device)
-        return cls(zeros, zeros.clone(), metadata)
+        return cls(zeros, zeros.clone(), metadata, torch.arange(size, device=device))
 
     @property
     def size(self) -> int:

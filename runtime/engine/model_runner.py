@@ -96,8 +96,7 @@ class ModelRunner:
         buffers = self._buffers(size)
         buffers.fill([e.token_ids[0] for e in batch.entries], [e.start for e in batch.entries],
                      [e.seq.block_table for e in batch.entries], self.block_size)
-        return StepInputs(buffers.input_ids, buffers.positions, buffers.metadata,
-                          torch.arange(n, device=self.device), n)
+        return StepInputs(buffers.input_ids, buffers.positions, buffers.metadata, buffers.rows[:n], n)
 
     def prepare(self, batch: ScheduledBatch) -> StepInputs:
         """Flatten the batch: ids and positions ``start..end-1`` per entry, metadata, logits rows."""
