@@ -1,13 +1,17 @@
 """Decode-attention bandwidth: achieved KV GB/s of the Triton split-K kernel vs a device copy.
 
     python -m infer.benchmarks.attention_decode [--out decode.json] [--block-n 64 128 --num-warps 4 8 ...]
+    python -m infer.benchmarks.attention_decode --paths write+decode fused --batch 1 8 64 256 \
+        --context 512 2048 --block-size 16   # fused KV write vs the two-kernel step
 
 Scenario: 16 q / 8 kv heads, head_dim 128, bf16, context 2048, batch 64 and 256, pages of 16
 (and 64) tokens scattered randomly over the pool. Every configuration is checked against the
 plain-torch reference first, captured in a CUDA graph and timed over replays (median). KV
 bandwidth = K and V bytes read / time. Copy bandwidth = (read + written bytes) of a 2 GiB bf16
 device-to-device copy into a preallocated buffer, median of 20. Targets are FlashInfer's H100
-numbers (2,447 GB/s at batch 64, 2,868 GB/s at batch 256).
+numbers (2,447 GB/s at batch 64, 2,868 GB/s at batch 256). Paths: ``decode`` (attention only, the
+cache already written), ``write+decode`` (``write_kv_cache`` then ``decode_attention``, one layer's
+decode step today) and ``fused`` (``decode_attention_with_kv_write``).
 """
 from __future__ import annotations
 
@@ -21,6 +25,7 @@ import torch
 logger = logging.getLogger(__name__)
 
 TARGET_GBPS = {64: 2447.0, 256: 2868.0}
+PATHS = ("decode", "write+decode", "fused")
 COPY_BYTES = 2 << 30
 CHECK_SEQS = 8
 
@@ -69,14 +74,36 @@ def check_against_reference(out, q, cache, seq_lens, block_tables, scale) -> flo
     return err
 
 
-def run_case(batch, context, block_size, config, num_splits, hq=16, hkv=8, d=128, iters=50) -> dict:
-    from ..runtime.kernels.decode_attention_triton import choose_num_splits, decode_attention
+def make_step(path, q, cache, seq_lens, block_tables, scale, out, config, num_splits):
+    """A closure running one decode step of ``path`` (see ``PATHS``); new k/v go to position context-1."""
+    from ..runtime.kernels import attention_triton as kernels
+
+    if path not in PATHS:
+        raise ValueError(f"path {path!r} is not one of {PATHS}")
+    num_seqs, block_size = q.shape[0], cache.shape[2]
+    pos = seq_lens.long() - 1  # [B]
+    slots = block_tables.gather(1, (pos // block_size)[:, None])[:, 0].long() * block_size + pos % block_size
+    k = torch.randn(num_seqs, cache.shape[3], cache.shape[4], device=q.device, dtype=q.dtype)  # [B, Hkv, D]
+    v = torch.randn_like(k)  # [B, Hkv, D]
+    attend = dict(out=out, config=config, num_splits=num_splits)
+    if path == "fused":
+        return lambda: kernels.decode_attention_with_kv_write(q, k, v, cache, slots, seq_lens, block_tables, scale,
+                                                              **attend)
+
+    def step():
+        if path == "write+decode":
+            kernels.write_kv_cache(k, v, cache, slots)
+        kernels.decode_attention(q, cache, seq_lens, block_tables, scale, **attend)
+    return step
+
+
+def run_case(batch, context, block_size, config, num_splits, hq=16, hkv=8, d=128, iters=50, path="decode") -> dict:
+    from ..runtime.kernels.decode_attention_triton import choose_num_splits
 
     q, cache, seq_lens, block_tables = make_decode_batch(batch, context, block_size, hq, hkv, d)
     scale = d**-0.5
     out = torch.empty_like(q)
-    run = lambda: decode_attention(q, cache, seq_lens, block_tables, scale, out=out, config=config,  # noqa: E731
-                                   num_splits=num_splits)
+    run = make_step(path, q, cache, seq_lens, block_tables, scale, out, config, num_splits)
     run()
     err = check_against_reference(out, q, cache, seq_lens, block_tables, scale)
     stream = torch.cuda.Stream()
@@ -91,7 +118,7 @@ def run_case(batch, context, block_size, config, num_splits, hq=16, hkv=8, d=128
     kv_bytes = 2 * batch * context * hkv * d * cache.element_size()
     splits = num_splits or choose_num_splits(batch, hkv, block_tables.shape[1] * block_size, q.device, config)
     return {
-        "batch": batch, "context": context, "block_size": block_size, "num_splits": splits,
+        "path": path, "batch": batch, "context": context, "block_size": block_size, "num_splits": splits,
         "block_n": config.block_n, "num_warps": config.num_warps, "num_stages": config.num_stages,
         "programs_per_sm": config.programs_per_sm, "time_us": ms * 1e3,
         "kv_gbps": kv_bytes / (ms * 1e-3) / 1e9, "max_abs_err": err,
@@ -102,13 +129,13 @@ def markdown_table(rows: list[dict], copy_gbps: float) -> str:
     lines = [
         f"copy bandwidth (2 GiB bf16 D2D, read+write, median of 20): {copy_gbps:,.0f} GB/s",
         "",
-        "| page | batch | ctx | splits | BLOCK_N | warps | stages | us | KV GB/s | % copy | target GB/s |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| path | page | batch | ctx | splits | BLOCK_N | warps | stages | us | KV GB/s | % copy | target GB/s |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         target = TARGET_GBPS.get(r["batch"])
         lines.append(
-            f"| {r['block_size']} | {r['batch']} | {r['context']} | {r['num_splits']} | {r['block_n']} | "
+            f"| {r['path']} | {r['block_size']} | {r['batch']} | {r['context']} | {r['num_splits']} | {r['block_n']} | "
             f"{r['num_warps']} | {r['num_stages']} | {r['time_us']:.1f} | {r['kv_gbps']:,.0f} | "
             f"{100 * r['kv_gbps'] / copy_gbps:.0f}% | {f'{target:,.0f}' if target else '-'} |"
         )
@@ -120,7 +147,8 @@ def main(argv: list[str] | None = None) -> None:
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batch", type=int, nargs="+", default=[64, 256])
-    parser.add_argument("--context", type=int, default=2048)
+    parser.add_argument("--context", type=int, nargs="+", default=[2048])
+    parser.add_argument("--paths", nargs="+", choices=PATHS, default=["decode"])
     parser.add_argument("--block-size", type=int, nargs="+", default=[16, 64])
     parser.add_argument("--block-n", type=int, nargs="+", default=[DecodeConfig().block_n])
     parser.add_argument("--num-warps", type=int, nargs="+", default=[DecodeConfig().num_warps])
@@ -137,11 +165,11 @@ def main(argv: list[str] | None = None) -> None:
     copy_gbps = copy_bandwidth_gbps()
     logger.info("copy bandwidth %.0f GB/s", copy_gbps)
     rows = []
-    grid = itertools.product(args.block_size, args.batch, args.block_n, args.num_warps, args.num_stages,
-                             args.programs_per_sm, args.num_splits)
-    for block_size, batch, block_n, warps, stages, per_sm, splits in grid:
+    grid = itertools.product(args.block_size, args.batch, args.context, args.block_n, args.num_warps,
+                             args.num_stages, args.programs_per_sm, args.num_splits, args.paths)
+    for block_size, batch, context, block_n, warps, stages, per_sm, splits, path in grid:
         config = DecodeConfig(block_n=block_n, num_warps=warps, num_stages=stages, programs_per_sm=per_sm)
-        row = run_case(batch, args.context, block_size, config, splits or None, iters=args.iters)
+        row = run_case(batch, context, block_size, config, splits or None, iters=args.iters, path=path)
         logger.info("%s", row)
         rows.append(row)
         torch.cuda.empty_cache()

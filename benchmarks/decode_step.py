@@ -35,14 +35,15 @@ MODES = {  # name -> compile options (None = eager PyTorch, no compile)
     "piecewise-inductor": {"inner_compiler": "inductor", "cudagraph_mode": "piecewise"},
     "full-eager": {"inner_compiler": "eager", "cudagraph_mode": "full"},
     "full-inductor": {"inner_compiler": "inductor", "cudagraph_mode": "full"},
+    "nolinear-full-inductor": {"inner_compiler": "inductor", "cudagraph_mode": "full", "fuse_linear": False},
     "nopass-piecewise-eager": {"inner_compiler": "eager", "cudagraph_mode": "piecewise", "fuse_norm": False,
-                               "fuse_gemm": False, "fuse_activation": False},
+                               "fuse_gemm": False, "fuse_activation": False, "fuse_linear": False},
     "nopass-full-eager": {"inner_compiler": "eager", "cudagraph_mode": "full", "fuse_norm": False,
-                          "fuse_gemm": False, "fuse_activation": False},
+                          "fuse_gemm": False, "fuse_activation": False, "fuse_linear": False},
     "nopass-full-inductor": {"inner_compiler": "inductor", "cudagraph_mode": "full", "fuse_norm": False,
-                             "fuse_gemm": False, "fuse_activation": False},
+                             "fuse_gemm": False, "fuse_activation": False, "fuse_linear": False},
     "nopass-piecewise-inductor": {"inner_compiler": "inductor", "cudagraph_mode": "piecewise",
-                                  "fuse_norm": False, "fuse_gemm": False, "fuse_activation": False},
+                                  "fuse_norm": False, "fuse_gemm": False, "fuse_activation": False, "fuse_linear": False},
 }
 
 

@@ -1,6 +1,7 @@
 """Inner compilers: what turns one transformed ATen graph (or graph piece) into a callable."""
 from __future__ import annotations
 
+import functools
 from typing import Callable, Sequence
 
 import torch
@@ -25,8 +26,31 @@ def inner_compile(gm: fx.GraphModule, example_inputs: Sequence, inner_compiler: 
     raise ValueError(f"unknown inner compiler {inner_compiler!r}; expected 'inductor' or 'eager'")
 
 
+FUNCTIONAL_OPS = ("rms_norm", "fused_add_rms_norm", "silu_and_mul", "linear", "rms_norm_linear",
+                  "add_rms_norm_linear", "silu_mul_linear")
+
+
+@functools.lru_cache(maxsize=None)
+def _register_fallbacks() -> None:
+    """Give Inductor an explicit fallback lowering for every functional ``infer`` op.
+
+    Without one, Inductor (torch 2.11) formats an op's IR arguments into an INFO log line the
+    first time it lowers the op, eagerly; for the chained prologue-fused linears deep in a
+    28-layer graph that string is exponential in the depth and compilation never finishes.
+    Strides stay those of the FX graph, as with the implicit fallback.
+    """
+    from torch._inductor.lowering import constrain_to_fx_strides, lowerings, make_fallback
+
+    from ..runtime import ops  # noqa: F401  (registers torch.ops.infer.*)
+    for name in FUNCTIONAL_OPS:
+        op = getattr(torch.ops.infer, name).default
+        if op not in lowerings:
+            make_fallback(op, layout_constraint=constrain_to_fx_strides, warn=False)
+
+
 def _inductor(gm: fx.GraphModule, example_inputs: Sequence) -> Callable:
     from torch._inductor.compile_fx import compile_fx_inner
+    _register_fallbacks()
     context = torch._guards.TracingContext.try_get()
     if context is None:
         return compile_fx_inner(gm, list(example_inputs))

@@ -11,13 +11,21 @@ from .base import InferPass, PassContext
 from .defunctionalize import DefunctionalizePass
 from .fused_add_rms_norm import FusedAddRMSNormPass
 from .gemm_pack import GemmPackPass
+from .linear_prologue import LinearProloguePass
 from .noop_elimination import NoopEliminationPass
 from .rms_norm import RMSNormPass
 from .silu_and_mul import SiluAndMulPass
 
 logger = logging.getLogger("infer.passes")
 
-FUSED_OP_KINDS = ("rms_norm", "fused_add_rms_norm", "silu_and_mul")
+FUSED_OP_KINDS = {  # op in the final graph -> the fusions it stands for
+    "rms_norm": ("rms_norm",),
+    "fused_add_rms_norm": ("fused_add_rms_norm",),
+    "silu_and_mul": ("silu_and_mul",),
+    "rms_norm_linear": ("rms_norm", "linear_prologue"),
+    "add_rms_norm_linear": ("fused_add_rms_norm", "linear_prologue"),
+    "silu_mul_linear": ("silu_and_mul", "linear_prologue"),
+}
 
 
 def build_passes(config: CompilerConfig, context: PassContext) -> list[InferPass]:
@@ -31,6 +39,8 @@ def build_passes(config: CompilerConfig, context: PassContext) -> list[InferPass
         passes.append(GemmPackPass(context))
     if config.fuse_activation:
         passes.append(SiluAndMulPass(context))
+    if config.fuse_linear:
+        passes.append(LinearProloguePass(context))
     passes.append(DefunctionalizePass(context))  # always: keeps the KV cache written in place
     return passes
 
@@ -62,8 +72,7 @@ class PassManager:
         """Norm and activation fusions are counted by what the final graph holds."""
         for node in graph.nodes:
             if node.op == "call_function" and getattr(node.target, "namespace", None) == "infer":
-                kind = node.target._opname
-                if kind in FUSED_OP_KINDS:
+                for kind in FUSED_OP_KINDS.get(node.target._opname, ()):
                     self.context.report.count_fusion(kind)
 
     def uuid(self) -> str:

@@ -136,6 +136,25 @@ class BlockManager:
             raise ValueError(f"sequence {seq.request_id!r} needs {missing} more blocks, {len(self.free)} free")
         seq.block_table.extend(self._take_free() for _ in range(missing))
 
+    def may_append_all(self, seqs: list[Sequence]) -> bool:
+        """:meth:`may_append` for every sequence when the blocks suffice for all of them at once;
+        otherwise change nothing and return False (the caller then decides whom to preempt)."""
+        bs = self.block_size
+        growing = [seq for seq in seqs if len(seq.token_ids) > len(seq.block_table) * bs]
+        missing = [self.num_blocks_needed(len(seq.token_ids)) - len(seq.block_table) for seq in growing]
+        if sum(missing) > len(self.free):
+            return False
+        for seq, n in zip(growing, missing):
+            seq.block_table.extend(self._take_free() for _ in range(n))
+        return True
+
+    def commit_decode(self, seqs: list[Sequence]) -> None:
+        """:meth:`commit` after a decode step computed one token of every sequence."""
+        bs = self.block_size
+        for seq in seqs:
+            if seq.num_computed_tokens % bs == 0:  # the step filled a block
+                self.commit(seq, seq.num_computed_tokens - 1)
+
     def commit(self, seq: Sequence, start: int) -> None:
         """Register the blocks filled by a step that computed positions ``start..num_computed``.
 

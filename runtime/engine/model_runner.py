@@ -15,7 +15,7 @@ from .decode_buffers import DecodeBuffers
 from .kv_cache import attention_layers, bind_kv_cache, release_kv_cache
 from .sampler import sample
 from .sampling import SamplingParams
-from .scheduler import ScheduledBatch
+from .scheduler import ScheduledBatch, ScheduledSeq
 
 logger = logging.getLogger(__name__)
 
@@ -25,6 +25,13 @@ PROFILE_SAMPLING = SamplingParams(temperature=1.0, top_p=0.9)  # the costliest s
 
 def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
+
+
+def fill_decode_buffers(buffers: DecodeBuffers, entries: list[ScheduledSeq], block_size: int) -> None:
+    """Write a decode batch (one new token per entry) into the static buffers of its padded size."""
+    positions = [e.start for e in entries]
+    ids = [e.seq.token_ids[p] for e, p in zip(entries, positions)]
+    buffers.fill(ids, positions, [e.seq.block_table for e in entries], block_size)
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,8 +101,7 @@ class ModelRunner:
         if batch.is_prefill or size not in self.capture_sizes:
             return None
         buffers = self._buffers(size)
-        buffers.fill([e.token_ids[0] for e in batch.entries], [e.start for e in batch.entries],
-                     [e.seq.block_table for e in batch.entries], self.block_size)
+        fill_decode_buffers(buffers, batch.entries, self.block_size)
         return StepInputs(buffers.input_ids, buffers.positions, buffers.metadata, buffers.rows[:n], n)
 
     def prepare(self, batch: ScheduledBatch) -> StepInputs:

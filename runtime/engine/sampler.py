@@ -38,6 +38,44 @@ def sample(logits: Tensor, params: SequenceABC[SamplingParams],
         raise ValueError(f"need one params (got {len(params)}) and one generator "
                          f"(got {None if generators is None else len(generators)}) per logits row ({n})")
     logits = logits.float()
+    shared = _shared_params(params, generators)
+    if shared is not None:
+        return _sample_shared(logits, shared)
+    return _sample_per_row(logits, params, generators)
+
+
+def _shared_params(params: SequenceABC[SamplingParams],
+                   generators: SequenceABC[torch.Generator | None] | None) -> SamplingParams | None:
+    """The params of row 0 when every row samples alike from the global RNG, else None."""
+    if not params or (generators is not None and any(gen is not None for gen in generators)):
+        return None
+    first = params[0]
+    key = (first.temperature, first.top_k, first.top_p)
+    if all(p is first or (p.temperature, p.top_k, p.top_p) == key for p in params):
+        return first
+    return None
+
+
+def _sample_shared(logits: Tensor, params: SamplingParams) -> Tensor:
+    """Every row with the same params and the global RNG: the per-row path in batched form, the
+    same numbers for the same noise, and no host lists or host-to-device copies."""
+    if params.greedy:
+        return logits.argmax(dim=-1)  # [N]
+    n, vocab = logits.shape
+    temp = logits.new_full((1, 1), max(params.temperature, MIN_TEMPERATURE))
+    logits = logits / temp  # [N, V]
+    top_k = params.top_k if 0 < params.top_k < vocab else vocab
+    if top_k < vocab or params.top_p < 1.0:
+        k = torch.full((n, 1), top_k, dtype=torch.int64, device=logits.device)
+        probs = _top_k_top_p(logits, k, logits.new_full((n, 1), params.top_p))
+    else:
+        probs = torch.softmax(logits, dim=-1)  # [N, V]
+    return probs.div_(_global_noise(probs)).argmax(dim=-1)
+
+
+def _sample_per_row(logits: Tensor, params: SequenceABC[SamplingParams],
+                    generators: SequenceABC[torch.Generator | None] | None) -> Tensor:
+    """Rows chosen by their params: greedy rows take the argmax, the others the exponential race."""
     out = logits.argmax(dim=-1)  # [N]
     rows = [i for i, p in enumerate(params) if not p.greedy]
     if not rows:
@@ -67,25 +105,29 @@ def _filtered_probs(logits: Tensor, params: list[SamplingParams]) -> Tensor:
     plain = sorted(set(range(len(params))) - set(filtered))
     if plain:
         probs[plain] = torch.softmax(logits[plain], dim=-1)
-    probs[filtered] = _top_k_top_p(logits[filtered], [top_k[i] for i in filtered],
-                                   [params[i].top_p for i in filtered])
+    k = torch.tensor([top_k[i] for i in filtered], device=logits.device).unsqueeze(1)  # [F, 1]
+    p = torch.tensor([params[i].top_p for i in filtered], dtype=logits.dtype, device=logits.device).unsqueeze(1)
+    probs[filtered] = _top_k_top_p(logits[filtered], k, p)
     return probs
 
 
-def _top_k_top_p(logits: Tensor, top_k: list[int], top_p: list[float]) -> Tensor:
-    """Softmax ``[R, V]`` over the ``top_k`` best tokens, then the nucleus of mass ``top_p``."""
+def _top_k_top_p(logits: Tensor, k: Tensor, p: Tensor) -> Tensor:
+    """Softmax ``[R, V]`` over the ``k [R, 1]`` best tokens, then the nucleus of mass ``p [R, 1]``."""
     r, vocab = logits.shape
     sorted_logits, order = logits.sort(dim=-1, descending=True, stable=True)  # [R, V]
     rank = torch.arange(vocab, device=logits.device).expand(r, vocab)
-    k = torch.tensor(top_k, device=logits.device).unsqueeze(1)
     sorted_logits.masked_fill_(rank >= k, float("-inf"))
     sorted_probs = torch.softmax(sorted_logits, dim=-1)
-    p = torch.tensor(top_p, dtype=logits.dtype, device=logits.device).unsqueeze(1)
     mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs  # [R, V] mass of strictly better tokens
     drop = mass_before >= p
     drop[:, 0] = False  # keep at least the best token
     sorted_probs.masked_fill_(drop, 0.0)
     return torch.zeros_like(sorted_probs).scatter_(1, order, sorted_probs)
+
+
+def _global_noise(probs: Tensor) -> Tensor:
+    """``Exp(1)`` noise like ``probs`` from torch's global RNG, kept away from 0."""
+    return torch.empty_like(probs).exponential_().clamp_(min=torch.finfo(probs.dtype).tiny)
 
 
 def _exponential_noise(probs: Tensor, generators: list[torch.Generator | None]) -> Tensor:

@@ -9,15 +9,19 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .decode_attention_triton import DecodeConfig, choose_num_splits, decode_attention
+from .decode_attention_triton import (
+    DecodeConfig, choose_num_splits, decode_attention, decode_attention_with_kv_write, plan_splits,
+)
 from .prefill_attention_triton import PrefillConfig, prefill_attention
 
 __all__ = [
-    "DecodeConfig", "PrefillConfig", "choose_num_splits", "decode_attention", "prefill_attention", "write_kv_cache",
+    "DecodeConfig", "PrefillConfig", "choose_num_splits", "decode_attention", "decode_attention_with_kv_write",
+    "plan_splits", "prefill_attention", "write_kv_cache",
 ]
 
 
-@triton.jit
+# num_slots follows the batch size: not specialized, so a new batch size reuses the compiled kernel.
+@triton.jit(do_not_specialize=["num_slots"])
 def _write_kv_kernel(
     k_ptr, v_ptr, cache_ptr, slot_ptr, num_slots,
     stride_kt, stride_kh, stride_vt, stride_vh,

@@ -5,11 +5,23 @@ Grid ``(num_seqs, num_kv_heads, num_splits)``: a program takes every q head of o
 ``BLOCK_N``-token tiles gathered through the block table, and keeps a running max/sum in fp32.
 With more than one split it writes a partial ``(out, lse)`` and a second kernel combines them.
 
-CUDA-graph safety: sequence lengths are read from device memory and every shape and launch
-parameter depends only on ``block_tables.shape`` (never on host ``max_seq_len``), so a captured
-launch replays correctly after ``seq_lens``/``block_tables`` contents change. A split that starts
-past its sequence's end writes a neutral partial (``lse = -inf``); a sequence of length 0
-(CUDA-graph padding) produces zeros.
+Split length is decided on the device: ``num_splits`` is fixed by shapes, and each sequence is cut
+into ``num_splits`` slices of ``max(roundup(cdiv(seq_len, num_splits), BLOCK_N), min_split_len)``
+tokens, so a short sequence in a wide block table still gets short splits. Splits past the end do
+nothing and the reduce kernel does not read them.
+
+``decode_attention_with_kv_write`` also stores this step's k/v: the program whose split covers
+position ``seq_len - 1`` writes the new row into the cache and uses the new values for that
+position from registers (it never reads back its own store), which saves the write kernel.
+
+CUDA-graph safety: sequence lengths are read on the device; every shape and launch parameter
+depends only on the batch size and ``block_tables.shape`` (never on host ``max_seq_len``), so a
+captured launch replays correctly with new ``seq_lens``/``block_tables`` contents. A sequence of
+length 0 (CUDA-graph padding) produces zeros.
+
+Compile count: ints that change with the batch size (``num_splits``, ``min_split_len``,
+``num_slots``) are ``do_not_specialize`` runtime arguments and no constexpr depends on the batch,
+so capturing ~35 batch sizes compiles each kernel once per head/dtype shape, not once per size.
 """
 from __future__ import annotations
 
@@ -22,6 +34,7 @@ import triton.language as tl
 from torch import Tensor
 
 LOG2E = 1.4426950408889634
+REDUCE_SPLITS_BLOCK = 16  # partials combined per reduce iteration (fixed: no recompile per batch size)
 
 
 @dataclass(frozen=True, slots=True)
@@ -32,7 +45,7 @@ class DecodeConfig:
     num_warps: int = 4
     num_stages: int = 3  # software-pipelining depth of the KV loads
     programs_per_sm: int = 4  # split until num_seqs * num_kv_heads * splits reaches this * SMs
-    min_split_tokens: int = 256  # never make a split shorter than this
+    min_split_tokens: int = 256  # shortest split once num_seqs * num_kv_heads fills the SMs
     max_splits: int = 64
 
     def for_head_dim(self, head_dim: int) -> "DecodeConfig":
@@ -50,39 +63,73 @@ def _num_sms(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
+def plan_splits(
+    num_seqs: int, num_kv_heads: int, max_context: int, num_sms: int, config: DecodeConfig
+) -> tuple[int, int]:
+    """``(num_splits, min_split_len)`` from static quantities only (batch, heads, table width, SMs).
+
+    Aim for ``programs_per_sm * num_sms`` programs. While ``num_seqs * num_kv_heads`` is below the
+    SM count the programs are few and latency-bound, so splits may shrink to one ``block_n`` tile;
+    from there on splits stay at least ``min_split_tokens`` long (the bandwidth-bound regime).
+    """
+    base = max(num_seqs * num_kv_heads, 1)
+    min_tokens = config.block_n if base < num_sms else max(config.min_split_tokens, config.block_n)
+    wanted = triton.cdiv(config.programs_per_sm * num_sms, base)
+    by_length = triton.cdiv(max(max_context, 1), min_tokens)
+    splits = max(1, min(wanted, by_length, config.max_splits))
+    return splits, triton.cdiv(min_tokens, config.block_n) * config.block_n
+
+
 def choose_num_splits(
     num_seqs: int, num_kv_heads: int, max_context: int, device: torch.device, config: DecodeConfig
 ) -> int:
-    """Splits per sequence, from static quantities only (batch size, heads, block-table width)."""
-    base = max(num_seqs * num_kv_heads, 1)
-    wanted = triton.cdiv(config.programs_per_sm * _num_sms(device), base)
-    by_length = triton.cdiv(max(max_context, 1), config.min_split_tokens)
-    return max(1, min(wanted, by_length, config.max_splits))
+    """Splits per sequence on ``device`` (see ``plan_splits``)."""
+    return plan_splits(num_seqs, num_kv_heads, max_context, _num_sms(device), config)[0]
 
 
 @triton.jit
+def _split_len(seq_len, num_splits, min_split_len, BLOCK_N: tl.constexpr):
+    """Tokens per split of one sequence: an even share rounded up to BLOCK_N, at least min_split_len."""
+    return tl.maximum(tl.cdiv(tl.cdiv(seq_len, num_splits), BLOCK_N) * BLOCK_N, min_split_len)
+
+
+@triton.jit(do_not_specialize=["num_splits", "min_split_len", "num_slots"])
 def _decode_partial_kernel(
-    q_ptr, cache_ptr, block_tables_ptr, seq_lens_ptr, out_ptr, part_o_ptr, part_lse_ptr,
-    scale_log2e, split_len, max_context,
-    stride_qt, stride_qh, stride_ot, stride_oh,
+    q_ptr, k_ptr, v_ptr, cache_ptr, slot_ptr, block_tables_ptr, seq_lens_ptr, out_ptr, part_o_ptr, part_lse_ptr,
+    scale_log2e, num_splits, min_split_len, max_context, num_slots,
+    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
     stride_ckv, stride_cblk, stride_ctok, stride_ch, stride_bt,
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-    BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_N: tl.constexpr, FUSE_WRITE: tl.constexpr, PRECISION: tl.constexpr,
 ):
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
     seq_len = tl.minimum(tl.load(seq_lens_ptr + seq), max_context)  # never read past the table
+    split_len = _split_len(seq_len, num_splits, min_split_len, BLOCK_N)
     start = split * split_len
     end = tl.minimum(start + split_len, seq_len)
+    d = tl.arange(0, HEAD_DIM)
+    skip = (start >= seq_len) & (num_splits > 1)  # past the end: the reduce kernel skips this split
+    if FUSE_WRITE:  # this step's token sits at seq_len - 1; the split covering it stores it (at the end)
+        slot = tl.load(slot_ptr + seq, mask=seq < num_slots, other=-1).to(tl.int64)
+        has_new = slot >= 0  # -1: padding row, nothing written and nothing substituted
+        new_pos = tl.where(has_new, seq_len - 1, -1)  # -1 matches no token below
+        writer = has_new & (split == tl.maximum(new_pos, 0) // split_len)  # split 0 when seq_len == 0
+        w_mask = d < tl.where(writer, HEAD_DIM, 0)  # [D], all-false except in the writing program
+        k_new = tl.load(k_ptr + seq.to(tl.int64) * stride_kt + kv_head * stride_kh + d, mask=w_mask, other=0.0)
+        v_new = tl.load(v_ptr + seq.to(tl.int64) * stride_vt + kv_head * stride_vh + d, mask=w_mask, other=0.0)
+        k_new = k_new.to(cache_ptr.dtype.element_ty)  # [D], exactly what the cache will hold
+        v_new = v_new.to(cache_ptr.dtype.element_ty)  # [D]
+        skip = skip & ~writer
+    if skip:
+        return
 
     g = tl.arange(0, GROUP_PAD)
-    d = tl.arange(0, HEAD_DIM)
     g_mask = g < GROUP
     q_heads = kv_head * GROUP + g
     q = tl.load(q_ptr + seq.to(tl.int64) * stride_qt + q_heads[:, None] * stride_qh + d[None, :],
                 mask=g_mask[:, None], other=0.0)  # [GROUP_PAD, D]
-
     m_i = tl.full([GROUP_PAD], float("-inf"), tl.float32)
     l_i = tl.zeros([GROUP_PAD], tl.float32)
     acc = tl.zeros([GROUP_PAD, HEAD_DIM], tl.float32)
@@ -93,6 +140,9 @@ def _decode_partial_kernel(
         blk = tl.load(table + tok // BLOCK_SIZE, mask=t_mask, other=0).to(tl.int64)
         row = blk * stride_cblk + (tok % BLOCK_SIZE) * stride_ctok + kv_head * stride_ch  # [BLOCK_N]
         k = tl.load(cache_ptr + row[:, None] + d[None, :], mask=t_mask[:, None], other=0.0)  # [BLOCK_N, D]
+        if FUSE_WRITE:
+            is_new = (tok == new_pos)[:, None]  # [BLOCK_N, 1]
+            k = tl.where(is_new, k_new[None, :], k)
         qk = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale_log2e  # [GROUP_PAD, BLOCK_N]
         qk = tl.where(t_mask[None, :], qk, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(qk, 1))
@@ -100,40 +150,108 @@ def _decode_partial_kernel(
         p = tl.exp2(qk - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
         v = tl.load(cache_ptr + stride_ckv + row[:, None] + d[None, :], mask=t_mask[:, None], other=0.0)
+        if FUSE_WRITE:
+            v = tl.where(is_new, v_new[None, :], v)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
         m_i = m_new
 
     has_keys = l_i > 0.0
     out = acc / tl.where(has_keys, l_i, 1.0)[:, None]  # [GROUP_PAD, D]; zeros without keys
-    if NUM_SPLITS == 1:
+    if num_splits == 1:
         o_ptrs = out_ptr + seq.to(tl.int64) * stride_ot + q_heads[:, None] * stride_oh + d[None, :]
         tl.store(o_ptrs, out.to(out_ptr.dtype.element_ty), mask=g_mask[:, None])
     else:
         lse = tl.where(has_keys, m_i + tl.log2(tl.where(has_keys, l_i, 1.0)), float("-inf"))  # log2 domain
-        part = (seq.to(tl.int64) * (GROUP * tl.num_programs(1)) + q_heads) * NUM_SPLITS + split  # [GROUP_PAD]
+        part = (seq.to(tl.int64) * (GROUP * tl.num_programs(1)) + q_heads) * num_splits + split  # [GROUP_PAD]
         tl.store(part_lse_ptr + part, lse, mask=g_mask)
         tl.store(part_o_ptr + part[:, None] * HEAD_DIM + d[None, :], out, mask=g_mask[:, None])
+    if FUSE_WRITE:  # last, so the new position above came from registers, never from a read-back
+        dst = (slot // BLOCK_SIZE) * stride_cblk + (slot % BLOCK_SIZE) * stride_ctok + kv_head * stride_ch + d
+        tl.store(cache_ptr + dst, k_new, mask=w_mask)
+        tl.store(cache_ptr + stride_ckv + dst, v_new, mask=w_mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_splits", "min_split_len"])
 def _decode_reduce_kernel(
-    part_o_ptr, part_lse_ptr, out_ptr, stride_ot, stride_oh,
-    NUM_SPLITS: tl.constexpr, SPLITS_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
+    part_o_ptr, part_lse_ptr, seq_lens_ptr, out_ptr, num_splits, min_split_len, max_context, stride_ot, stride_oh,
+    HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, SPLITS_BLOCK: tl.constexpr,
 ):
     seq = tl.program_id(0)
     head = tl.program_id(1)
-    s = tl.arange(0, SPLITS_PAD)
+    seq_len = tl.minimum(tl.load(seq_lens_ptr + seq), max_context)
+    num_active = tl.cdiv(seq_len, _split_len(seq_len, num_splits, min_split_len, BLOCK_N))  # splits with keys
     d = tl.arange(0, HEAD_DIM)
-    s_mask = s < NUM_SPLITS
-    base = (seq.to(tl.int64) * tl.num_programs(1) + head) * NUM_SPLITS
-    lse = tl.load(part_lse_ptr + base + s, mask=s_mask, other=float("-inf"))  # [SPLITS_PAD]
-    m = tl.max(lse, 0)
-    m = tl.where(m == float("-inf"), 0.0, m)
-    w = tl.exp2(lse - m)  # 0 for empty splits
-    o = tl.load(part_o_ptr + (base + s)[:, None] * HEAD_DIM + d[None, :], mask=s_mask[:, None], other=0.0)
-    denom = tl.sum(w, 0)
-    out = tl.sum(w[:, None] * o, 0) / tl.where(denom > 0.0, denom, 1.0)  # [D]
+    base = (seq.to(tl.int64) * tl.num_programs(1) + head) * num_splits
+    m = float("-inf")
+    denom = 0.0
+    acc = tl.zeros([HEAD_DIM], tl.float32)
+    for s0 in range(0, num_active, SPLITS_BLOCK):  # online combine, SPLITS_BLOCK partials at a time
+        s = s0 + tl.arange(0, SPLITS_BLOCK)
+        s_mask = s < num_active
+        lse = tl.load(part_lse_ptr + base + s, mask=s_mask, other=float("-inf"))  # [SPLITS_BLOCK]
+        m_new = tl.maximum(m, tl.max(lse, 0))  # finite: every active split holds keys
+        alpha = tl.exp2(m - m_new)
+        w = tl.exp2(lse - m_new)  # 0 for masked lanes
+        o = tl.load(part_o_ptr + (base + s)[:, None] * HEAD_DIM + d[None, :], mask=s_mask[:, None], other=0.0)
+        acc = acc * alpha + tl.sum(w[:, None] * o, 0)  # [D]
+        denom = denom * alpha + tl.sum(w, 0)
+        m = m_new
+    out = acc / tl.where(denom > 0.0, denom, 1.0)  # [D]; zeros for an empty sequence
     tl.store(out_ptr + seq.to(tl.int64) * stride_ot + head * stride_oh + d, out.to(out_ptr.dtype.element_ty))
+
+
+def _check_decode_shapes(q: Tensor, kv_cache: Tensor, block_tables: Tensor) -> None:
+    if q.dim() != 3 or kv_cache.dim() != 5 or q.shape[2] != kv_cache.shape[4]:
+        raise ValueError(f"need q [T, Hq, D] and kv_cache [2, num_blocks, block_size, Hkv, D], "
+                         f"got {tuple(q.shape)} and {tuple(kv_cache.shape)}")
+    if q.shape[1] % kv_cache.shape[3] != 0:
+        raise ValueError(f"num_q_heads={q.shape[1]} is not a multiple of num_kv_heads={kv_cache.shape[3]}")
+    if q.shape[0] < block_tables.shape[0]:
+        raise ValueError(f"decode needs one query row per sequence: q has {q.shape[0]} rows, "
+                         f"{block_tables.shape[0]} sequences")
+
+
+def _launch(
+    q: Tensor, kv_cache: Tensor, seq_lens: Tensor, block_tables: Tensor, scale: float, out: Tensor | None,
+    config: DecodeConfig | None, num_splits: int | None, new_kv: tuple[Tensor, Tensor, Tensor] | None,
+) -> Tensor:
+    """Run the partial (+ reduce) kernels; ``new_kv = (k, v, slot_mapping)`` fuses the cache write."""
+    _check_decode_shapes(q, kv_cache, block_tables)
+    num_tokens, num_q_heads, head_dim = q.shape
+    config = (config or DecodeConfig()).for_head_dim(head_dim)
+    num_kv_heads, block_size = kv_cache.shape[3], kv_cache.shape[2]
+    num_seqs, width = block_tables.shape
+    if out is None:
+        out = torch.empty_like(q)  # [T, Hq, D]
+    if num_tokens > num_seqs:
+        out[num_seqs:].zero_()
+    if num_seqs == 0:
+        return out
+    max_context = width * block_size
+    splits, min_split_len = plan_splits(num_seqs, num_kv_heads, max_context, _num_sms(q.device), config)
+    if num_splits is not None:  # forced: an even share of each sequence, at least one tile
+        splits, min_split_len = max(1, num_splits), config.block_n
+    part_o = part_lse = out  # placeholders, unused when splits == 1
+    if splits > 1:
+        part_o = torch.empty(num_seqs, num_q_heads, splits, head_dim, device=q.device, dtype=torch.float32)
+        part_lse = torch.empty(num_seqs, num_q_heads, splits, device=q.device, dtype=torch.float32)
+    k, v, slots = new_kv if new_kv is not None else (q, q, seq_lens)  # placeholders, unused without the write
+    _decode_partial_kernel[(num_seqs, num_kv_heads, splits)](
+        q, k, v, kv_cache, slots, block_tables, seq_lens, out, part_o, part_lse,
+        scale * LOG2E, splits, min_split_len, max_context, slots.shape[0],
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), out.stride(0), out.stride(1),
+        kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2), kv_cache.stride(3), block_tables.stride(0),
+        GROUP=num_q_heads // num_kv_heads, GROUP_PAD=max(16, triton.next_power_of_2(num_q_heads // num_kv_heads)),
+        HEAD_DIM=head_dim, BLOCK_SIZE=block_size, BLOCK_N=config.block_n, FUSE_WRITE=new_kv is not None,
+        PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        num_warps=config.num_warps, num_stages=config.num_stages,
+    )
+    if splits > 1:
+        _decode_reduce_kernel[(num_seqs, num_q_heads)](
+            part_o, part_lse, seq_lens, out, splits, min_split_len, max_context, out.stride(0), out.stride(1),
+            HEAD_DIM=head_dim, BLOCK_N=config.block_n, SPLITS_BLOCK=REDUCE_SPLITS_BLOCK, num_warps=4,
+        )
+    return out
 
 
 def decode_attention(
@@ -151,41 +269,36 @@ def decode_attention(
     Returns:
         ``[T, Hq, D]`` in q's dtype (``out`` if given).
     """
-    num_tokens, num_q_heads, head_dim = q.shape
-    config = (config or DecodeConfig()).for_head_dim(head_dim)
-    num_kv_heads, block_size = kv_cache.shape[3], kv_cache.shape[2]
-    num_seqs, width = block_tables.shape
-    if num_tokens < num_seqs:
-        raise ValueError(f"decode needs one query row per sequence: q has {num_tokens} rows, {num_seqs} sequences")
-    if out is None:
-        out = torch.empty_like(q)  # [T, Hq, D]
-    if num_tokens > num_seqs:
-        out[num_seqs:].zero_()
-    if num_seqs == 0:
-        return out
-    group = num_q_heads // num_kv_heads
-    max_context = width * block_size
-    splits = num_splits or choose_num_splits(num_seqs, num_kv_heads, max_context, q.device, config)
-    split_len = triton.cdiv(triton.cdiv(max_context, splits), config.block_n) * config.block_n
-    splits = max(1, triton.cdiv(max_context, split_len))
-    part_o = part_lse = out  # placeholders, unused when splits == 1
-    if splits > 1:
-        part_o = torch.empty(num_seqs, num_q_heads, splits, head_dim, device=q.device, dtype=torch.float32)
-        part_lse = torch.empty(num_seqs, num_q_heads, splits, device=q.device, dtype=torch.float32)
-    precision = "ieee" if q.dtype == torch.float32 else "tf32"
-    _decode_partial_kernel[(num_seqs, num_kv_heads, splits)](
-        q, kv_cache, block_tables, seq_lens, out, part_o, part_lse,
-        scale * LOG2E, split_len, max_context,
-        q.stride(0), q.stride(1), out.stride(0), out.stride(1),
-        kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2), kv_cache.stride(3), block_tables.stride(0),
-        GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim,
-        BLOCK_SIZE=block_size, BLOCK_N=config.block_n, NUM_SPLITS=splits, PRECISION=precision,
-        num_warps=config.num_warps, num_stages=config.num_stages,
-    )
-    if splits > 1:
-        _decode_reduce_kernel[(num_seqs, num_q_heads)](
-            part_o, part_lse, out, out.stride(0), out.stride(1),
-            NUM_SPLITS=splits, SPLITS_PAD=triton.next_power_of_2(splits), HEAD_DIM=head_dim,
-            num_warps=4,
-        )
-    return out
+    return _launch(q, kv_cache, seq_lens, block_tables, scale, out, config, num_splits, None)
+
+
+def decode_attention_with_kv_write(
+    q: Tensor, k: Tensor, v: Tensor, kv_cache: Tensor, slot_mapping: Tensor, seq_lens: Tensor,
+    block_tables: Tensor, scale: float, out: Tensor | None = None, config: DecodeConfig | None = None,
+    num_splits: int | None = None,
+) -> Tensor:
+    """``write_kv_cache(k, v, kv_cache, slot_mapping)`` then ``decode_attention(...)``, in one kernel.
+
+    Sequence ``b``'s query sits at position ``seq_lens[b] - 1``, and ``slot_mapping[b]`` must be the
+    cache slot of that position in ``block_tables[b]``. A slot ``< 0`` (or a row past the end of
+    ``slot_mapping``) is a padding row: nothing is written; with ``seq_lens[b] == 0`` it gives zeros.
+
+    Args:
+        q: ``[B, Hq, D]``, one row per sequence.
+        k, v: ``[B, Hkv, D]``, this step's key/value of each sequence.
+        kv_cache: ``[2, num_blocks, block_size, Hkv, D]`` (mutated).
+        slot_mapping: ``[<=B]`` cache slot of each row.
+        seq_lens, block_tables, num_splits: as in ``decode_attention``.
+    Returns:
+        ``[B, Hq, D]`` in q's dtype (``out`` if given).
+    """
+    num_seqs = block_tables.shape[0]
+    expected = (num_seqs, kv_cache.shape[3], kv_cache.shape[4])
+    if q.shape[0] != num_seqs or k.shape != expected or v.shape != expected:
+        raise ValueError(f"fused decode needs q [B={num_seqs}, Hq, D] and k/v {list(expected)}, "
+                         f"got q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
+    if slot_mapping.dim() != 1:
+        raise ValueError(f"slot_mapping must be 1-d, got shape {tuple(slot_mapping.shape)}")
+    if q.stride(-1) != 1 or k.stride(-1) != 1 or v.stride(-1) != 1:
+        raise ValueError("q, k and v must be contiguous along head_dim")
+    return _launch(q, kv_cache, seq_lens, block_tables, scale, out, config, num_splits, (k, v, slot_mapping))

@@ -1,0 +1,98 @@
+"""Skinny GEMM (decode projections) against cuBLAS: achieved weight bandwidth per shape and row count.
+
+    python -m infer.benchmarks.gemv [--rows 1 2 4 8] [--sweep] [--out results.json]
+
+Each case streams enough weight copies (>= 256 MiB) that L2 cannot serve them, launched inside one
+CUDA graph (as in a captured decode step). GB/s counts the weight bytes only. ``--sweep`` also
+times a grid of tile configs and prints the best per shape, to tune ``choose_config``.
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+
+import torch
+import torch.nn.functional as F
+
+from ..runtime.kernels.gemv_triton import GemvConfig, choose_config, gemv
+from .decode_step import copy_bandwidth
+
+SHAPES = {  # name -> (N, K) of the projection weight
+    "0.6b qkv": (4096, 1024), "0.6b o": (1024, 2048), "0.6b gate_up": (6144, 1024), "0.6b down": (1024, 3072),
+    "0.6b lm_head": (151936, 1024),
+    "8b qkv": (6144, 4096), "8b o": (4096, 4096), "8b gate_up": (24576, 4096), "8b down": (4096, 12288),
+    "8b lm_head": (151936, 4096),
+}
+SWEEP = [GemvConfig(bn, bk, w) for bn, bk, w in itertools.product((4, 8, 16, 32), (256, 512, 1024, 2048), (2, 4, 8))
+         if bn * bk <= 32768]
+
+
+def _graph_ms(fn, copies: int) -> float:
+    """Median ms per call of ``fn(i)`` over all copies, replayed from one CUDA graph."""
+    for i in range(copies):
+        fn(i)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for i in range(copies):
+            fn(i)
+    times = []
+    for _ in range(15):
+        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        s.record(); graph.replay(); e.record(); e.synchronize()
+        times.append(s.elapsed_time(e) / copies)
+    return sorted(times)[len(times) // 2]
+
+
+def run_case(name: str, n: int, k: int, m: int, sweep: bool) -> dict:
+    nbytes = n * k * 2
+    copies = max(2, -(-(256 << 20) // nbytes))
+    weights = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02 for _ in range(copies)]
+    x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+    ref = F.linear(x, weights[0])
+    got = gemv(x, weights[0])[0]
+    err = (got.float() - ref.float()).abs().max().item()
+    row = dict(shape=name, N=n, K=k, rows=m, max_abs_err=err)
+    row["cublas_us"] = 1e3 * _graph_ms(lambda i: F.linear(x, weights[i]), copies)
+    cfg = choose_config(m, n, k, x.device)
+    row["gemv_us"] = 1e3 * _graph_ms(lambda i: gemv(x, weights[i], config=cfg), copies)
+    row["config"] = f"{cfg.block_n}x{cfg.block_k}/{cfg.num_warps}w"
+    if sweep:
+        best = min(((1e3 * _graph_ms(lambda i: gemv(x, weights[i], config=c), copies), c) for c in SWEEP),
+                   key=lambda t: t[0])
+        row["best_us"], row["best_config"] = best[0], f"{best[1].block_n}x{best[1].block_k}/{best[1].num_warps}w"
+    for key in ("cublas", "gemv", "best"):
+        if f"{key}_us" in row:
+            row[f"{key}_gbps"] = nbytes / (row[f"{key}_us"] * 1e-6) / 1e9
+    del weights
+    return row
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rows", type=int, nargs="+", default=[1, 2, 4, 8])
+    parser.add_argument("--shapes", nargs="+", default=list(SHAPES))
+    parser.add_argument("--sweep", action="store_true")
+    parser.add_argument("--out")
+    args = parser.parse_args()
+    copy = copy_bandwidth()
+    print(f"copy bandwidth {copy:.0f} GB/s")
+    print("| shape | rows | cuBLAS us | GB/s | gemv us | GB/s | of copy | config | best us | best config | err |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    rows = []
+    for name in args.shapes:
+        for m in args.rows:
+            r = run_case(name, *SHAPES[name], m, args.sweep)
+            rows.append(r)
+            print(f"| {name} | {m} | {r['cublas_us']:.1f} | {r['cublas_gbps']:.0f} | {r['gemv_us']:.1f} | "
+                  f"{r['gemv_gbps']:.0f} | {r['gemv_gbps'] / copy:.0%} | {r['config']} | "
+                  f"{r.get('best_us', float('nan')):.1f} | {r.get('best_config', '')} | {r['max_abs_err']:.3g} |",
+                  flush=True)
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(dict(copy_gbps=copy, rows=rows), f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,134 @@
+"""Fused KV write + split-K decode vs ``write_kv_cache`` + ``decode_attention`` vs plain torch; split plan."""
+import os
+
+import torch
+
+if not torch.cuda.is_available():  # before anything imports triton (tests/conftest.py does the same)
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+from infer.runtime.attention.reference import attend_reference, write_kv_reference  # noqa: E402
+from tests.runtime.test_paged_attention import make_batch  # noqa: E402  (shared batch builder)
+
+triton = pytest.importorskip("triton")
+from infer.runtime.kernels import attention_triton as kernels  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+SAME = dict(rtol=0, atol=0) if DEVICE == "cpu" else dict(rtol=1e-3, atol=1e-3)  # interpreter: bit-identical
+CONFIG = kernels.DecodeConfig(block_n=16)  # tiny tiles keep the interpreter fast
+H100_SMS = 132
+
+# name -> (seq_lens, one query token each; block-table width or None). Pages of 16 tokens.
+LENGTHS = {
+    "length_1": ([1], None),
+    "split_and_page_ends": ([16, 32, 48, 17], None),  # with 3 splits: 48 ends a 16-token split, 17 opens one
+    "mid_page": ([7, 40, 25], None),
+    "wide_table": ([40], 8),  # table covers 128 tokens: the heuristic's trailing splits stay empty
+}
+
+
+def run_both(batch, scale, num_splits, slot_mapping=None):
+    """(fused out, fused cache, two-kernel out, two-kernel cache), each on its own copy of the cache."""
+    md = batch.md
+    slots = md.slot_mapping if slot_mapping is None else slot_mapping
+    fused_cache, split_cache = batch.cache.clone(), batch.cache.clone()
+    fused = kernels.decode_attention_with_kv_write(batch.q, batch.k, batch.v, fused_cache, slots, md.seq_lens,
+                                                   md.block_tables, scale, config=CONFIG, num_splits=num_splits)
+    kernels.write_kv_cache(batch.k, batch.v, split_cache, slots)
+    two = kernels.decode_attention(batch.q, split_cache, md.seq_lens, md.block_tables, scale, config=CONFIG,
+                                   num_splits=num_splits)
+    return fused, fused_cache, two, split_cache
+
+
+def reference(batch, scale, slot_mapping=None):
+    """Plain-torch write + attend on a copy of the cache: (out, cache)."""
+    cache = batch.cache.clone()
+    write_kv_reference(batch.k, batch.v, cache, batch.md.slot_mapping if slot_mapping is None else slot_mapping)
+    return attend_reference(batch.q, cache, scale, batch.md), cache
+
+
+def check(batch, scale, num_splits, rtol, slot_mapping=None):
+    """Cache and output equal to the two-kernel path; cache equal to and output close to plain torch."""
+    fused, fused_cache, two, split_cache = run_both(batch, scale, num_splits, slot_mapping)
+    torch.testing.assert_close(fused_cache, split_cache, equal_nan=True, rtol=0, atol=0)
+    torch.testing.assert_close(fused, two, **SAME)
+    ref, ref_cache = reference(batch, scale, slot_mapping)
+    torch.testing.assert_close(fused_cache, ref_cache, equal_nan=True, rtol=0, atol=0)
+    if not (DEVICE == "cpu" and batch.q.dtype == torch.bfloat16):  # interpreter tl.dot reads bf16 bits as ints
+        torch.testing.assert_close(fused, ref, rtol=rtol, atol=rtol)
+    return fused
+
+
+@pytest.mark.parametrize("num_splits", [1, 3, None])
+@pytest.mark.parametrize("name", sorted(LENGTHS))
+def test_fused_matches_two_kernels_and_reference(name, num_splits):
+    seq_lens, width = LENGTHS[name]
+    batch = make_batch([1] * len(seq_lens), seq_lens, 4, 2, 64, 16, device=DEVICE, width=width)
+    check(batch, 0.125, num_splits, rtol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("group", [1, 2, 4])
+def test_fused_gqa_head_dim_dtype(group, head_dim, dtype):
+    batch = make_batch([1] * 3, [33, 9, 16], 2 * group, 2, head_dim, 16, dtype=dtype, device=DEVICE, seed=3)
+    check(batch, head_dim**-0.5, 2, rtol=1e-4 if dtype == torch.float32 else 2e-2)
+
+
+@pytest.mark.parametrize("num_splits", [1, 3])
+@pytest.mark.parametrize("padding", ["slot_-1", "short_slot_mapping", "empty_with_slot"])
+def test_fused_padding_rows(padding, num_splits):
+    """Rows 1 and 3 have seq_len 0 (CUDA-graph padding) among real rows: zero output.
+
+    ``slot_-1``/``short_slot_mapping``: nothing is written (a missing slot counts as -1).
+    ``empty_with_slot``: the slot is still valid, so k/v are written as ``write_kv_cache`` would.
+    """
+    batch = make_batch([1] * 4, [20, 5, 33, 9], 4, 2, 64, 16, device=DEVICE, seed=5)
+    batch.md.seq_lens[[1, 3]] = 0
+    if padding != "empty_with_slot":
+        batch.md.slot_mapping[[1, 3]] = -1
+    slots = batch.md.slot_mapping[:3] if padding == "short_slot_mapping" else None
+    out = check(batch, 0.125, num_splits, rtol=1e-4, slot_mapping=slots)
+    assert out[[1, 3]].abs().max() == 0
+
+
+def test_fused_rejects_bad_shapes():
+    batch = make_batch([1, 1], [5, 9], 4, 2, 64, 16)
+    md = batch.md
+    with pytest.raises(ValueError, match="fused decode needs"):
+        kernels.decode_attention_with_kv_write(batch.q[:1], batch.k, batch.v, batch.cache, md.slot_mapping,
+                                               md.seq_lens, md.block_tables, 0.125)
+    with pytest.raises(ValueError, match="fused decode needs"):
+        kernels.decode_attention_with_kv_write(batch.q, batch.k[:, :1], batch.v, batch.cache, md.slot_mapping,
+                                               md.seq_lens, md.block_tables, 0.125)
+    with pytest.raises(ValueError, match="slot_mapping must be 1-d"):
+        kernels.decode_attention_with_kv_write(batch.q, batch.k, batch.v, batch.cache, md.slot_mapping[None],
+                                               md.seq_lens, md.block_tables, 0.125)
+
+
+def tokens_per_split(seq_len, num_splits, min_split_len, block_n):
+    """What one program of the partial kernel walks (mirrors ``_split_len``)."""
+    share = triton.cdiv(triton.cdiv(seq_len, num_splits), block_n) * block_n
+    return max(share, min_split_len)
+
+
+@pytest.mark.parametrize("batch_size", [1, 2, 8])
+@pytest.mark.parametrize("width", [32, 256, 2560])  # max_model_len 512, 4096, 40960 at 16-token pages
+def test_small_batch_gets_short_splits(batch_size, width):
+    config = kernels.DecodeConfig()
+    splits, min_len = kernels.plan_splits(batch_size, 8, width * 16, H100_SMS, config)
+    assert min_len == config.block_n
+    assert tokens_per_split(512, splits, min_len, config.block_n) <= 2 * config.block_n  # context 512
+    assert batch_size * 8 * triton.cdiv(512, tokens_per_split(512, splits, min_len, config.block_n)) >= 64
+
+
+@pytest.mark.parametrize("batch_size", [17, 64, 256])
+@pytest.mark.parametrize("width", [32, 128, 256])
+def test_large_batch_keeps_old_split_choice(batch_size, width):
+    config = kernels.DecodeConfig()
+    max_context = width * 16
+    old = max(1, min(triton.cdiv(config.programs_per_sm * H100_SMS, batch_size * 8),
+                     triton.cdiv(max_context, config.min_split_tokens), config.max_splits))
+    assert kernels.plan_splits(batch_size, 8, max_context, H100_SMS, config) == (old, config.min_split_tokens)
+    assert kernels.choose_num_splits(batch_size, 8, max_context, torch.device("cpu"), config) >= 1
