@@ -15,6 +15,7 @@ import json
 import torch
 import torch.nn.functional as F
 
+from ..runtime import ops  # noqa: F401  (registers torch.ops.infer.*)
 from ..runtime.kernels.gemv_triton import GemvConfig, choose_config, gemv
 from .decode_step import copy_bandwidth
 
@@ -24,8 +25,8 @@ SHAPES = {  # name -> (N, K) of the projection weight
     "8b qkv": (6144, 4096), "8b o": (4096, 4096), "8b gate_up": (24576, 4096), "8b down": (4096, 12288),
     "8b lm_head": (151936, 4096),
 }
-SWEEP = [GemvConfig(bn, bk, w) for bn, bk, w in itertools.product((4, 8, 16, 32), (256, 512, 1024, 2048), (2, 4, 8))
-         if bn * bk <= 32768]
+SWEEP = [GemvConfig(bn, bk, w) for bn, bk, w in itertools.product((4, 8, 16), (256, 512, 1024, 2048), (2, 4))
+         if 2048 <= bn * bk <= 8192]
 
 
 def _graph_ms(fn, copies: int) -> float:
@@ -45,21 +46,37 @@ def _graph_ms(fn, copies: int) -> float:
     return sorted(times)[len(times) // 2]
 
 
-def run_case(name: str, n: int, k: int, m: int, sweep: bool) -> dict:
+def _prologue_inputs(prologue: str, m: int, k: int) -> tuple[dict, object]:
+    """Keyword arguments of ``gemv`` for ``prologue`` and the unfused op chain before the GEMM."""
+    bf16 = dict(device="cuda", dtype=torch.bfloat16)
+    x, r, nw = torch.randn(m, k, **bf16), torch.randn(m, k, **bf16), torch.ones(k, **bf16)
+    if prologue == "none":
+        return dict(x=x), lambda: x
+    if prologue == "rms":
+        return dict(x=x, prologue="rms", norm_weight=nw, eps=1e-6), \
+            lambda: torch.ops.infer.rms_norm(x, nw, 1e-6, True, torch.bfloat16)
+    if prologue == "add_rms":
+        return dict(x=x, prologue="add_rms", residual=r, norm_weight=nw, eps=1e-6), \
+            lambda: torch.ops.infer.fused_add_rms_norm(x, r, nw, 1e-6, True, torch.bfloat16)[0]
+    return dict(x=x, prologue="silu_mul", x2=r), lambda: torch.ops.infer.silu_and_mul(x, r)
+
+
+def run_case(name: str, n: int, k: int, m: int, sweep: bool, prologue: str = "none") -> dict:
     nbytes = n * k * 2
     copies = max(2, -(-(256 << 20) // nbytes))
     weights = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02 for _ in range(copies)]
-    x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
-    ref = F.linear(x, weights[0])
-    got = gemv(x, weights[0])[0]
+    kwargs, unfused = _prologue_inputs(prologue, m, k)
+    x = kwargs.pop("x")
+    ref = F.linear(unfused(), weights[0])
+    got = gemv(x, weights[0], **kwargs)[0]
     err = (got.float() - ref.float()).abs().max().item()
-    row = dict(shape=name, N=n, K=k, rows=m, max_abs_err=err)
-    row["cublas_us"] = 1e3 * _graph_ms(lambda i: F.linear(x, weights[i]), copies)
-    cfg = choose_config(m, n, k, x.device)
-    row["gemv_us"] = 1e3 * _graph_ms(lambda i: gemv(x, weights[i], config=cfg), copies)
+    row = dict(shape=name, N=n, K=k, rows=m, prologue=prologue, max_abs_err=err)
+    row["cublas_us"] = 1e3 * _graph_ms(lambda i: F.linear(unfused(), weights[i]), copies)
+    cfg = choose_config(m, n, k, x.device, prologue)
+    row["gemv_us"] = 1e3 * _graph_ms(lambda i: gemv(x, weights[i], config=cfg, **kwargs), copies)
     row["config"] = f"{cfg.block_n}x{cfg.block_k}/{cfg.num_warps}w"
     if sweep:
-        best = min(((1e3 * _graph_ms(lambda i: gemv(x, weights[i], config=c), copies), c) for c in SWEEP),
+        best = min(((1e3 * _graph_ms(lambda i: gemv(x, weights[i], config=c, **kwargs), copies), c) for c in SWEEP),
                    key=lambda t: t[0])
         row["best_us"], row["best_config"] = best[0], f"{best[1].block_n}x{best[1].block_k}/{best[1].num_warps}w"
     for key in ("cublas", "gemv", "best"):
@@ -74,18 +91,18 @@ def main() -> None:
     parser.add_argument("--rows", type=int, nargs="+", default=[1, 2, 4, 8])
     parser.add_argument("--shapes", nargs="+", default=list(SHAPES))
     parser.add_argument("--sweep", action="store_true")
+    parser.add_argument("--prologue", nargs="+", default=["none"], choices=("none", "rms", "add_rms", "silu_mul"))
     parser.add_argument("--out")
     args = parser.parse_args()
     copy = copy_bandwidth()
     print(f"copy bandwidth {copy:.0f} GB/s")
-    print("| shape | rows | cuBLAS us | GB/s | gemv us | GB/s | of copy | config | best us | best config | err |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    print("| shape | prologue | rows | unfused us | GB/s | gemv us | GB/s | of copy | config | best us | best config | err |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     rows = []
-    for name in args.shapes:
-        for m in args.rows:
-            r = run_case(name, *SHAPES[name], m, args.sweep)
+    for name, prologue, m in itertools.product(args.shapes, args.prologue, args.rows):
+            r = run_case(name, *SHAPES[name], m, args.sweep, prologue)
             rows.append(r)
-            print(f"| {name} | {m} | {r['cublas_us']:.1f} | {r['cublas_gbps']:.0f} | {r['gemv_us']:.1f} | "
+            print(f"| {name} | {prologue} | {m} | {r['cublas_us']:.1f} | {r['cublas_gbps']:.0f} | {r['gemv_us']:.1f} | "
                   f"{r['gemv_gbps']:.0f} | {r['gemv_gbps'] / copy:.0%} | {r['config']} | "
                   f"{r.get('best_us', float('nan')):.1f} | {r.get('best_config', '')} | {r['max_abs_err']:.3g} |",
                   flush=True)

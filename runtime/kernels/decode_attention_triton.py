@@ -80,6 +80,15 @@ def plan_splits(
     return splits, triton.cdiv(min_tokens, config.block_n) * config.block_n
 
 
+def fuse_kv_write(num_seqs: int, num_kv_heads: int, device: torch.device) -> bool:
+    """Fuse the KV write into decode only in the latency-bound regime (fewer (seq, head) pairs than SMs).
+
+    There it saves a launch; at large batch the fused kernel's extra registers spill and it loses
+    30-35% of its bandwidth (H200, ``benchmarks/attention_decode.py --paths write+decode fused``).
+    """
+    return num_seqs * num_kv_heads < _num_sms(device)
+
+
 def choose_num_splits(
     num_seqs: int, num_kv_heads: int, max_context: int, device: torch.device, config: DecodeConfig
 ) -> int:

@@ -121,9 +121,11 @@ def _num_sms(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-def choose_config(m: int, n: int, k: int, device: torch.device) -> GemvConfig:
-    """Four weight rows per program, 1-2K columns per load (an H200 sweep, benchmarks/gemv.py:
-    narrow tiles give the most programs in flight; long rows the widest loads)."""
+def choose_config(m: int, n: int, k: int, device: torch.device, prologue: str = "none") -> GemvConfig:
+    """Four weight rows per program and 1-2K columns per load: the best tiles of an H200 sweep
+    (``python -m infer.benchmarks.gemv --sweep``). Narrow tiles give the most programs in flight;
+    wider ones (8-16 rows, which would amortize a prologue) measured 15-65% slower per step, since
+    the fp32 tile then leaves fewer loads in flight per SM."""
     if device.type != "cuda":
         return GemvConfig(block_n=4, block_k=min(64, triton.next_power_of_2(k)), num_warps=1)
     block_k = min(triton.next_power_of_2(k), 2048 if k > 1024 else 1024)
@@ -150,7 +152,7 @@ def gemv(
     s = torch.empty(m, k, dtype=residual.dtype, device=x.device) if mode == ADD_RMS else None
     if m == 0 or n == 0:
         return y, s
-    cfg = config or choose_config(m, n, k, x.device)
+    cfg = config or choose_config(m, n, k, x.device, prologue)
     x2_ = x2 if x2 is not None else x
     r_ = residual if residual is not None else x
     s_ = s if s is not None else y

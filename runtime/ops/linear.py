@@ -24,7 +24,10 @@ import torch.nn.functional as F
 from .activation import _check_args as _check_silu_args, silu_and_mul_ref
 from .norm import _check_residual, _check_rms_args, fused_add_rms_norm_ref, rms_norm_ref
 
-GEMV_MAX_ROWS = 8  # == gemv_triton.MAX_ROWS; kept here so CPU imports need no triton
+GEMV_MAX_ROWS = 2  # above this cuBLAS wins (H200: the kernel re-streams x per row); <= gemv_triton.MAX_ROWS
+# A fused prologue re-reads its inputs in every program of the GEMV: it pays off while weights are
+# small (Qwen3-0.6B projections, 2-6M elements); for 8B-sized weights the unfused chain is faster.
+PROLOGUE_MAX_WEIGHT = 8 << 20
 _GEMV_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 _NORM_ARGS = "Tensor? norm_weight, float eps, bool cast_before_weight, ScalarType norm_dtype"
@@ -45,9 +48,12 @@ def _check_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
         raise ValueError(f"{what}: weight is on {weight.device} but the input is on {x.device}")
 
 
-def _use_gemv(x: torch.Tensor, weight: torch.Tensor, *others: torch.Tensor | None) -> bool:
-    """The fused kernel runs for few rows of row-major CUDA tensors of one supported dtype."""
+def _use_gemv(x: torch.Tensor, weight: torch.Tensor, *others: torch.Tensor | None, prologue: bool = True) -> bool:
+    """The Triton kernel runs for few rows of row-major CUDA tensors of one supported dtype (with a
+    prologue, only for weights of at most ``PROLOGUE_MAX_WEIGHT`` elements)."""
     if not (x.is_cuda and 0 < x.shape[0] <= GEMV_MAX_ROWS and weight.stride(1) == 1):
+        return False
+    if prologue and weight.numel() > PROLOGUE_MAX_WEIGHT:
         return False
     tensors = [x, weight] + [t for t in others if t is not None]
     return x.dtype in _GEMV_DTYPES and all(t.dtype == x.dtype and t.stride(-1) == 1 for t in tensors)
@@ -66,7 +72,12 @@ def _empty_out(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """``x [M, K] @ weight[N, K].T + bias`` -> ``[M, N]``."""
     _check_linear(x, weight, bias, "linear")
-    if _use_gemv(x, weight, bias):
+    return _linear(x, weight, bias)
+
+
+def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """Triton GEMV for few rows, cuBLAS otherwise."""
+    if _use_gemv(x, weight, bias, prologue=False):
         return _gemv(x, weight, bias)[0]
     return F.linear(x, weight, bias)
 
@@ -86,7 +97,7 @@ def rms_norm_linear(x, norm_weight, eps, cast_before_weight, norm_dtype, weight,
     if x.dtype == norm_dtype and _use_gemv(x, weight, bias, norm_weight):
         return _gemv(x, weight, bias, prologue="rms", norm_weight=norm_weight, eps=eps,
                      cast_before_weight=cast_before_weight)[0]
-    return F.linear(torch.ops.infer.rms_norm(x, norm_weight, eps, cast_before_weight, norm_dtype), weight, bias)
+    return _linear(torch.ops.infer.rms_norm(x, norm_weight, eps, cast_before_weight, norm_dtype), weight, bias)
 
 
 @rms_norm_linear.register_fake
@@ -107,7 +118,7 @@ def add_rms_norm_linear(x, residual, norm_weight, eps, cast_before_weight, norm_
                      cast_before_weight=cast_before_weight)
         return y, s
     normed, s = torch.ops.infer.fused_add_rms_norm(x, residual, norm_weight, eps, cast_before_weight, norm_dtype)
-    return F.linear(normed, weight, bias), s
+    return _linear(normed, weight, bias), s
 
 
 @add_rms_norm_linear.register_fake
@@ -126,7 +137,7 @@ def silu_mul_linear(gate, up, weight, bias):
                   "silu_mul_linear")
     if gate.dim() == 2 and _use_gemv(gate, weight, bias, up):
         return _gemv(gate, weight, bias, prologue="silu_mul", x2=up)[0]
-    return F.linear(torch.ops.infer.silu_and_mul(gate, up), weight, bias)
+    return _linear(torch.ops.infer.silu_and_mul(gate, up), weight, bias)
 
 
 @silu_mul_linear.register_fake
