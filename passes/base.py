@@ -28,7 +28,7 @@ class PassContext:
 
     def add_input(self, graph: fx.Graph, tensor: torch.Tensor, like: torch.Tensor | None = None) -> fx.Node:
         """A new placeholder fed with `tensor` at run time; its `val` is faked like `like`."""
-        last = [n for n in graph.nodes if n.op == "placeholder"][-1]
+        last = graph.find_nodes(op="placeholder")[-1]  # in graph order, without a walk of the graph
         with graph.inserting_after(last):
             node = graph.placeholder(f"infer_const_{len(self.extra_inputs)}")
         mode = getattr(like, "fake_mode", None)

@@ -92,7 +92,7 @@ class GemmPackPass(InferPass):
         for member in members:
             width = tensor_val(member).shape[1]
             out = replace_with(graph, member, aten.slice.Tensor, (fused, 1, start, start + width))
-            out.meta["val"] = fused.meta["val"][:, start:start + width]
+            out.meta["val"] = aten.slice.Tensor(fused.meta["val"], 1, start, start + width)  # the node's op
             for user in list(out.users):  # a view of a column slice may not exist: reshape instead
                 if is_op(user, *_VIEWS):
                     user.target = aten.reshape.default

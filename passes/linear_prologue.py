@@ -39,12 +39,12 @@ class LinearProloguePass(InferPass):
 
     def __call__(self, graph: fx.Graph) -> int:
         rewrites = 0
+        order = _Order(graph)
         for mm in list(graph.nodes):
             parts = self._linear_parts(mm)
             if parts is None:
                 continue
             a, weight, bias = parts
-            order = node_order(graph)
             if self._rewrite(graph, mm, a, weight, bias, order):
                 rewrites += 1
         return rewrites
@@ -75,7 +75,7 @@ class LinearProloguePass(InferPass):
         return a, weight, bias
 
     def _rewrite(self, graph: fx.Graph, mm: fx.Node, a: fx.Node, weight: fx.Node, bias: fx.Node | None,
-                 order: dict[fx.Node, int]) -> bool:
+                 order: _Order) -> bool:
         sole = len(a.users) == 1
         if sole and is_op(a, infer.rms_norm.default) and tensor_val(a.args[0]).dim() == 2:
             x, nw, eps, cast, dt = a.args
@@ -92,14 +92,17 @@ class LinearProloguePass(InferPass):
         return True
 
     def _rewrite_add_norm(self, graph: fx.Graph, mm: fx.Node, fused: fx.Node, weight: fx.Node,
-                          bias: fx.Node | None, order: dict[fx.Node, int]) -> bool:
+                          bias: fx.Node | None, order: _Order) -> bool:
         """``fused_add_rms_norm`` -> getitem 0 -> mm: one op giving ``(y, s)``."""
         sums = [u for u in fused.users if u.args[1] == 1]
+        uses = [u for s in sums for u in s.users]
+        deps = [t for t in (weight, bias) if isinstance(t, fx.Node)]
+        pos = order.of([mm, fused, *uses, *deps])
         # The new op must precede every user of the sum and follow the weight/bias.
-        first_sum_use = min((order[u] for s in sums for u in s.users), default=len(order))
-        if first_sum_use > order[mm]:
+        first_sum_use = min((pos[u] for u in uses), default=None)
+        if first_sum_use is None or first_sum_use > pos[mm]:
             where = mm
-        elif all(not isinstance(t, fx.Node) or order[t] < order[fused] for t in (weight, bias)):
+        elif all(pos[t] < pos[fused] for t in deps):
             where = fused
         else:
             self.context.near_miss(self.name, mm, "the residual sum is used before the weight is available")
@@ -123,3 +126,20 @@ class LinearProloguePass(InferPass):
         if val is None:
             mm.replace_all_uses_with(new)
         return new
+
+
+class _Order:
+    """Graph positions, counted once and again only when a node inserted since is asked about.
+
+    The pass inserts nodes but never moves or erases one, so positions counted earlier still
+    order the nodes that existed then; every position one query returns comes from one count.
+    """
+
+    def __init__(self, graph: fx.Graph) -> None:
+        self.graph = graph
+        self._positions = node_order(graph)
+
+    def of(self, nodes: list[fx.Node]) -> dict[fx.Node, int]:
+        if any(n not in self._positions for n in nodes):
+            self._positions = node_order(self.graph)
+        return self._positions

@@ -1,8 +1,9 @@
 """Removes ops that return their input unchanged, and collapses chains of views."""
 from __future__ import annotations
 
-from torch import fx
 import torch
+from torch import fx
+from torch.fx.experimental.symbolic_shapes import statically_known_true, sym_eq
 
 from .base import InferPass, is_op, node_value
 
@@ -53,7 +54,7 @@ class NoopEliminationPass(InferPass):
         out, inp = node_value(node), node_value(source)
         if not isinstance(out, torch.Tensor) or not isinstance(inp, torch.Tensor):
             return False
-        same_shape = out.shape == inp.shape and out.stride() == inp.stride()
+        same_shape = _known_equal(out.shape, inp.shape) and _known_equal(out.stride(), inp.stride())
         if is_op(node, *_VIEWS, aten.alias.default, aten.expand.default):
             return same_shape and out.dtype == inp.dtype
         if is_op(node, prims.convert_element_type.default):
@@ -61,7 +62,18 @@ class NoopEliminationPass(InferPass):
         if is_op(node, aten.slice.Tensor):
             dim = node.args[1] if len(node.args) > 1 else 0
             start = node.args[2] if len(node.args) > 2 else None
-            return same_shape and start in (None, 0) and inp.dim() > 0 and out.shape[dim] == inp.shape[dim]
+            return (same_shape and start in (None, 0) and inp.dim() > 0
+                    and _known_equal(out.shape[dim], inp.shape[dim]))
         if is_op(node, aten.permute.default):
             return list(node.args[1]) == list(range(inp.dim()))
         return False
+
+
+def _known_equal(a, b) -> bool:
+    """Sizes (or size tuples) equal for every value of their symbols; adds no shape guard (one
+    such as ``Eq(s0, 16)`` would specialize a dynamic token count to its example value)."""
+    if isinstance(a, int) and isinstance(b, int):
+        return a == b
+    if isinstance(a, (tuple, list)) and isinstance(b, (tuple, list)):
+        return len(a) == len(b) and all(_known_equal(x, y) for x, y in zip(a, b))
+    return statically_known_true(sym_eq(a, b))

@@ -13,8 +13,13 @@ DEFAULT_CPU_KV_CACHE_BYTES = 256 * 2**20
 
 
 def default_capture_sizes(max_num_seqs: int) -> tuple[int, ...]:
-    """Decode batch sizes to pad to (and, later, capture): 1, 2, 4, 8, 16, ... up to ``max_num_seqs``."""
-    sizes = [1, 2, 4] + list(range(8, max_num_seqs + 8, 8))
+    """Decode batch sizes to pad to and capture, ending at ``max_num_seqs``: 1, 2, 4, 8, then steps
+    of 8 to 32, of 16 to 128 and of 32 beyond (17 sizes at 256).
+
+    Each size costs a capture at startup; padding a decode step up to the next size costs little,
+    as the weights dominate its time and padded rows have no KV to read.
+    """
+    sizes = [1, 2, 4, 8, 16, 24, 32] + list(range(48, 129, 16)) + list(range(160, max_num_seqs + 32, 32))
     return tuple(s for s in sizes if s < max_num_seqs) + (max_num_seqs,)
 
 

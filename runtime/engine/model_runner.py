@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
+from torch._dynamo.decorators import mark_unbacked
 
 from ..attention import AttentionMetadata, forward_context
 from .config import EngineConfig
@@ -142,10 +143,14 @@ class ModelRunner:
         )
 
     def forward(self, input_ids: Tensor, positions: Tensor, metadata: AttentionMetadata) -> Tensor:
-        """``input_ids [T], positions [T] -> hidden [T, H]`` inside the forward context."""
+        """``input_ids [T], positions [T] -> hidden [T, H]`` inside the forward context.
+
+        Compiled, one graph serves every ``T``: an unbacked dim 0 has no 0/1 specialization and
+        no guard on its value (a backed one recompiles for ``T == 1``, with either inner compiler).
+        """
         if self.compiled:
-            torch._dynamo.maybe_mark_dynamic(input_ids, 0)
-            torch._dynamo.maybe_mark_dynamic(positions, 0)
+            mark_unbacked(input_ids, 0)
+            mark_unbacked(positions, 0)
         with forward_context(metadata):
             return self._forward(input_ids, positions)
 
@@ -191,6 +196,9 @@ class ModelRunner:
         """One forward at ``max_num_batched_tokens`` tokens and sampling of ``max_num_seqs`` rows.
 
         Binds a temporary KV cache just large enough for the dummy batch and releases it after.
+        The forward is eager: a graph compiled here would guard on that cache (its block count,
+        and that it is an inference tensor) and the first real step would compile another. Eager
+        activations are no smaller than the compiled graph's, whose fusions only remove some.
         """
         config = self.config
         total, max_len = config.max_num_batched_tokens, config.max_model_len
@@ -206,7 +214,8 @@ class ModelRunner:
             metadata = AttentionMetadata.build(lens, lens, tables, self.block_size, self.device)
             ids = torch.full((total,), PAD_TOKEN_ID, dtype=torch.int64, device=self.device)  # [T]
             positions = self._tensor([p for n in lens for p in range(n)])  # [T]
-            hidden = self.forward(ids, positions, metadata)  # [T, H]
+            with forward_context(metadata):
+                hidden = self.model.forward(ids, positions)  # [T, H], eager (see above)
             rows = min(config.max_num_seqs, total)
             logits = self.model.compute_logits(hidden[-rows:])  # [rows, V]
             sample(logits, [PROFILE_SAMPLING] * rows)

@@ -1,9 +1,10 @@
 """Triton ``silu(gate) * up`` kernel.
 
 ``gate`` and ``up`` are read in place through their row strides, so column slices of one
-packed ``[T, 2*I]`` gate_up projection output cost no copy. Rounding follows the eager
-spelling documented in :mod:`infer.runtime.ops.activation`. The launcher runs on CPU
-tensors under ``TRITON_INTERPRET=1``.
+packed ``[T, 2*I]`` gate_up projection output cost no copy. The tile follows from the row length
+alone and ``n_rows`` is not specialized: one compiled variant serves every token count. Rounding
+follows the eager spelling documented in :mod:`infer.runtime.ops.activation`. The launcher runs
+on CPU tensors under ``TRITON_INTERPRET=1``.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ _TILE = 2048  # target elements per program (several rows when the rows are shor
 _ELEMS_PER_WARP = 256
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n_rows"])
 def _silu_and_mul_kernel(g_ptr, u_ptr, out_ptr, n_rows, n_cols, g_stride, u_stride,
                          out_stride, ROWS: tl.constexpr, BLOCK: tl.constexpr):
     rows = (tl.program_id(0) * ROWS + tl.arange(0, ROWS)).to(tl.int64)[:, None]  # [ROWS, 1]
@@ -54,7 +55,7 @@ def silu_and_mul_triton(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     out2 = out.view(-1, n_cols)  # [T, I]
     n_rows = g2.shape[0]
     block = min(triton.next_power_of_2(n_cols), _MAX_BLOCK)
-    rows_per_prog = max(1, min(_TILE // block, triton.next_power_of_2(n_rows)))
+    rows_per_prog = max(1, _TILE // block)  # from the row length only: one variant for every T
     num_warps = max(1, min(rows_per_prog * block // _ELEMS_PER_WARP, 8))
     grid = (triton.cdiv(n_rows, rows_per_prog), triton.cdiv(n_cols, block))
     guard = torch.cuda.device(gate.device) if gate.is_cuda else contextlib.nullcontext()

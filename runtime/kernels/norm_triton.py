@@ -4,7 +4,9 @@ One kernel serves both ops: with ``HAS_RESIDUAL`` it first forms ``s = x + resid
 (rounded to the promoted dtype, stored once) and normalizes ``s``. Each program owns a
 ``[ROWS, BLOCK]`` tile: many short rows per program for small hidden sizes, one row per
 program for large ones. A row that fits in ``max_block`` elements is read once; longer rows
-are walked in chunks twice (sum of squares, then scale and store).
+are walked in chunks twice (sum of squares, then scale and store). The tile and the warp count
+follow from the row length alone and ``n_rows`` is not specialized, so every token count (each
+CUDA-graph capture size) runs one compiled variant.
 
 All arithmetic is fp32; the rounding points follow the eager spelling documented in
 :mod:`infer.runtime.ops.norm`. The launchers run on CPU tensors under ``TRITON_INTERPRET=1``.
@@ -50,7 +52,7 @@ def _scale_store(h, inv, w_ptr, out_ptr, rows, cols, mask, col_mask, out_stride,
     tl.store(out_ptr + rows * out_stride + cols, y.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n_rows"])
 def _rms_norm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, s_ptr,
                      n_rows, n_cols, x_stride, res_stride, out_stride, s_stride, eps,
                      HAS_RESIDUAL: tl.constexpr, HAS_WEIGHT: tl.constexpr,
@@ -123,7 +125,7 @@ def _launch(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor
     block = triton.next_power_of_2(n_cols)
     single_pass = block <= max_block
     block = min(block, max_block)
-    rows_per_prog = 1 if block >= _TILE else min(_TILE // block, triton.next_power_of_2(n_rows))
+    rows_per_prog = max(1, _TILE // block)  # from the row length only: one variant for every T
     num_warps = max(1, min(rows_per_prog * block // _ELEMS_PER_WARP, 16))
     grid = (triton.cdiv(n_rows, rows_per_prog),)
     with _device_guard(x):

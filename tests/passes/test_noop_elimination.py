@@ -1,7 +1,9 @@
 import pytest
 import torch
+from torch.fx.experimental.proxy_tensor import make_fx
 
 from fx_helpers import aten_graph, op_counts, run_pass
+from infer.compiler.inner import decomposition_table
 from infer.passes.noop_elimination import NoopEliminationPass
 
 
@@ -39,3 +41,22 @@ def test_real_views_and_casts_are_kept():
     assert rewrites == 0
     assert op_counts(gm) == before
     torch.testing.assert_close(gm(x), fn(x))
+
+
+
+def test_dynamic_sizes_get_no_guard():
+    """Comparing sizes must not pin a dynamic one: 16 token ids of a 16-row table at trace time
+    would otherwise guard ``Eq(s0, 16)`` and recompile for every other token count."""
+    table = torch.randn(16, 8)
+
+    def fn(ids):
+        return torch.nn.functional.embedding(ids, table) * 2  # [T, 8]
+
+    gm = make_fx(fn, decomposition_table=decomposition_table(), tracing_mode="symbolic",
+                 _allow_non_fake_inputs=True)(torch.arange(16))
+    shape_env = next(n for n in gm.graph.nodes if n.op == "placeholder").meta["val"].fake_mode.shape_env
+    guards = len(shape_env.guards)
+    rewrites, _ = run_pass(NoopEliminationPass, gm)
+    assert rewrites == 0 and len(shape_env.guards) == guards
+    ids = torch.tensor([3, 1, 4])
+    torch.testing.assert_close(gm(ids), fn(ids), rtol=0, atol=0)

@@ -270,3 +270,30 @@ def test_gpu_real_shapes(shape, dtype):
     buf = torch.randn(rows, 2 * hidden, dtype=dtype, device="cuda")
     gate, up = buf[:, :hidden], buf[:, hidden:]
     close(torch.ops.infer.silu_and_mul(gate, up), eager_silu_and_mul(gate, up))
+
+
+# ---------------------------------------------------------------- one kernel variant per shape
+class _Launches:
+    """Stands in for a Triton kernel: keeps the constexprs and options of every launch."""
+
+    def __init__(self) -> None:
+        self.seen: set[tuple] = set()
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: self.seen.add(tuple(sorted(kwargs.items())))
+
+
+@pytest.mark.parametrize("hidden", [8, 128, 1024, 4096])
+def test_launch_parameters_do_not_depend_on_token_count(kern, monkeypatch, hidden):
+    """CUDA-graph capture runs every capture size: each must reuse one compiled variant."""
+    norm, act = kern
+    norm_launches, act_launches = _Launches(), _Launches()
+    monkeypatch.setattr(norm, "_rms_norm_kernel", norm_launches)
+    monkeypatch.setattr(act, "_silu_and_mul_kernel", act_launches)
+    for rows in (1, 2, 3, 8, 16, 24, 100, 256):
+        x = torch.randn(rows, hidden)  # [T, H]
+        norm.rms_norm_triton(x, None, EPS, True, x.dtype)
+        norm.fused_add_rms_norm_triton(x, x, None, EPS, True, x.dtype)
+        act.silu_and_mul_triton(x, x)
+    assert len(norm_launches.seen) == 2  # with and without the residual
+    assert len(act_launches.seen) == 1
