@@ -177,7 +177,7 @@ class Scheduler:
             raise ValueError(f"got {len(tokens)} sampled token ids; the batch has {len(batch.entries)} entries, "
                              f"{len(sample_indices)} of which sample")
         token_iter = iter(tokens)
-        finished: list[Sequence] = []
+        stopped: list[tuple[Sequence, str]] = []
         for entry in batch.entries:
             seq = entry.seq
             seq.num_computed_tokens = entry.end
@@ -188,12 +188,8 @@ class Scheduler:
             seq.append_token(token)
             reason = self._stop_reason(seq, token)
             if reason is not None:
-                seq.finish(reason)
-                self.block_manager.deallocate(seq)
-                finished.append(seq)
-        if finished:
-            self.running = [s for s in self.running if not s.is_finished]
-        return finished
+                stopped.append((seq, reason))
+        return self._retire(stopped)
 
     def _postprocess_decode(self, entries: list[ScheduledSeq], tokens: list[int]) -> list[Sequence]:
         """:meth:`postprocess` of a decode batch: every entry computed one token and samples."""
@@ -207,14 +203,16 @@ class Scheduler:
             if reason is not None:
                 stopped.append((seq, reason))
         self.block_manager.commit_decode(seqs)
-        finished: list[Sequence] = []
+        return self._retire(stopped)
+
+    def _retire(self, stopped: list[tuple[Sequence, str]]) -> list[Sequence]:
+        """Finish the stopped sequences, free their blocks and drop them from the running list."""
         for seq, reason in stopped:
             seq.finish(reason)
             self.block_manager.deallocate(seq)
-            finished.append(seq)
-        if finished:
+        if stopped:
             self.running = [s for s in self.running if not s.is_finished]
-        return finished
+        return [seq for seq, _ in stopped]
 
     def _schedule_prefill(self) -> list[ScheduledSeq]:
         budget = self.config.max_num_batched_tokens
