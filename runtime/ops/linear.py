@@ -34,14 +34,18 @@ _NORM_ARGS = "Tensor? norm_weight, float eps, bool cast_before_weight, ScalarTyp
 _LINEAR_ARGS = "Tensor weight, Tensor? bias"
 
 
-def _check_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, what: str) -> None:
-    """Raise ``ValueError`` unless ``x [M, K] @ weight[N, K].T + bias[N]`` is well formed."""
+def _check_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, what: str,
+                  dtype: torch.dtype | None = None) -> None:
+    """Raise ``ValueError`` unless ``x [M, K] @ weight[N, K].T + bias[N]`` is well formed.
+
+    ``dtype``: the GEMM input's dtype when a prologue produces it (else ``x.dtype``)."""
     if x.dim() != 2:
         raise ValueError(f"{what} needs a 2-d input [M, K], got shape {tuple(x.shape)}")
     if weight.dim() != 2 or weight.shape[1] != x.shape[1]:
         raise ValueError(f"{what} needs weight [N, K={x.shape[1]}], got {tuple(weight.shape)}")
-    if x.dtype != weight.dtype:
-        raise ValueError(f"{what}: input dtype {x.dtype} differs from weight dtype {weight.dtype}")
+    dtype = dtype or x.dtype
+    if dtype != weight.dtype:
+        raise ValueError(f"{what}: input dtype {dtype} differs from weight dtype {weight.dtype}")
     if bias is not None and (bias.dim() != 1 or bias.shape[0] != weight.shape[0]):
         raise ValueError(f"{what} needs bias [N={weight.shape[0]}], got {tuple(bias.shape)}")
     if weight.device != x.device:
@@ -93,7 +97,7 @@ def _linear_fake(x, weight, bias):
 def rms_norm_linear(x, norm_weight, eps, cast_before_weight, norm_dtype, weight, bias):
     """``linear(rms_norm(x, ...), weight, bias)``."""
     _check_rms_args(x, norm_weight, eps, norm_dtype)
-    _check_linear(x.new_empty(x.shape, dtype=norm_dtype), weight, bias, "rms_norm_linear")
+    _check_linear(x, weight, bias, "rms_norm_linear", norm_dtype)
     if x.dtype == norm_dtype and _use_gemv(x, weight, bias, norm_weight):
         return _gemv(x, weight, bias, prologue="rms", norm_weight=norm_weight, eps=eps,
                      cast_before_weight=cast_before_weight)[0]
@@ -112,7 +116,7 @@ def add_rms_norm_linear(x, residual, norm_weight, eps, cast_before_weight, norm_
     """``(linear(n, weight, bias), s)`` with ``(n, s) = fused_add_rms_norm(x, residual, ...)``."""
     _check_residual(x, residual)
     _check_rms_args(x, norm_weight, eps, norm_dtype)
-    _check_linear(x.new_empty(x.shape, dtype=norm_dtype), weight, bias, "add_rms_norm_linear")
+    _check_linear(x, weight, bias, "add_rms_norm_linear", norm_dtype)
     if x.dtype == norm_dtype and _use_gemv(x, weight, bias, norm_weight, residual):
         y, s = _gemv(x, weight, bias, prologue="add_rms", residual=residual, norm_weight=norm_weight, eps=eps,
                      cast_before_weight=cast_before_weight)
@@ -133,8 +137,7 @@ def _add_rms_norm_linear_fake(x, residual, norm_weight, eps, cast_before_weight,
 def silu_mul_linear(gate, up, weight, bias):
     """``linear(silu_and_mul(gate, up), weight, bias)`` for ``gate``/``up`` ``[M, I]``."""
     _check_silu_args(gate, up)
-    _check_linear(gate.new_empty(gate.shape, dtype=torch.promote_types(gate.dtype, up.dtype)), weight, bias,
-                  "silu_mul_linear")
+    _check_linear(gate, weight, bias, "silu_mul_linear", torch.promote_types(gate.dtype, up.dtype))
     if gate.dim() == 2 and _use_gemv(gate, weight, bias, up):
         return _gemv(gate, weight, bias, prologue="silu_mul", x2=up)[0]
     return _linear(torch.ops.infer.silu_and_mul(gate, up), weight, bias)
