@@ -19,6 +19,7 @@ import transformers
 
 from ..models.qwen import Qwen3ForCausalLM
 from ..runtime.attention import Attention, AttentionMetadata, forward_context
+from ..runtime.engine.model_runner import StepGraph
 
 SHAPES = {
     "0.6b": dict(hidden_size=1024, num_hidden_layers=28, num_attention_heads=16, num_key_value_heads=8,
@@ -115,6 +116,11 @@ def time_mode(model, options, batch: int, context: int, steps: int = 50, device:
     ids = torch.randint(0, min(1000, model.config.vocab_size), (batch,), device=device)
     pos = torch.full((batch,), context, device=device)
     torch._dynamo.reset()
+    # Full graphs are captured the way the engine's ModelRunner does it: around the compiled
+    # forward (compiled without graphs) and the LM head, replayed directly.
+    runner_graph = options is not None and options.get("cudagraph_mode") == "full" and device.startswith("cuda")
+    if runner_graph:
+        options = dict(options, cudagraph_mode="none")
     forward = model.forward if options is None else torch.compile(
         model.forward, backend="infer", options=dict(options, cudagraph_capture_sizes=(batch,)))
     step = (lambda: model.compute_logits(forward(ids, pos))) if logits else (lambda: forward(ids, pos))
@@ -125,6 +131,10 @@ def time_mode(model, options, batch: int, context: int, steps: int = 50, device:
             torch._dynamo.mark_dynamic(ids, 0); torch._dynamo.mark_dynamic(pos, 0)
             step()
         sync()
+        if runner_graph:
+            step = StepGraph(step, torch.cuda.graph_pool_handle()).replay
+            step()
+            sync()
         startup = time.perf_counter() - start
         times = [_elapsed_ms(step, device) for _ in range(steps)]
     return statistics.median(times), startup

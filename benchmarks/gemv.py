@@ -1,6 +1,7 @@
 """Skinny GEMM (decode projections) against cuBLAS: achieved weight bandwidth per shape and row count.
 
     python -m infer.benchmarks.gemv [--rows 1 2 4 8] [--sweep] [--out results.json]
+    python -m infer.benchmarks.gemv --chain 28 --rows 1 2 --shapes 0.6b 8b
 
 Each case streams enough weight copies (>= 256 MiB) that L2 cannot serve them, launched inside one
 CUDA graph (as in a captured decode step). GB/s counts the weight bytes only. ``--sweep`` also
@@ -86,16 +87,74 @@ def run_case(name: str, n: int, k: int, m: int, sweep: bool, prologue: str = "no
     return row
 
 
+LAYER_SHAPES = {  # per decoder layer: (name, N, K, prologue) in step order
+    "0.6b": [("qkv", 4096, 1024, "add_rms"), ("o", 1024, 2048, "none"), ("gate_up", 6144, 1024, "add_rms"),
+             ("down", 1024, 3072, "silu_mul")],
+    "8b": [("qkv", 6144, 4096, "add_rms"), ("o", 4096, 4096, "none"), ("gate_up", 24576, 4096, "add_rms"),
+           ("down", 4096, 12288, "silu_mul")],
+}
+
+
+def run_chain(shape: str, layers: int, m: int) -> dict:
+    """A decode step's projections only: ``layers`` x (qkv, o, gate_up, down) with their prologues,
+    every layer its own weights, back to back in one CUDA graph; PDL on and off, and cuBLAS."""
+    import os
+    specs = LAYER_SHAPES[shape]
+    weights = [[torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02 for _, n, k, _ in specs]
+               for _ in range(layers)]
+    inputs = {name: _prologue_inputs(prologue, m, k) for name, _, k, prologue in specs}
+    nbytes = layers * sum(n * k * 2 for _, n, k, _ in specs)
+
+    def ours(i: int) -> None:
+        for (name, *_), w in zip(specs, weights[i]):
+            kwargs = dict(inputs[name][0])
+            gemv(kwargs.pop("x"), w, **kwargs)
+
+    def cublas(i: int) -> None:
+        for (name, *_), w in zip(specs, weights[i]):
+            F.linear(inputs[name][1](), w)
+
+    row = dict(shape=shape, layers=layers, rows=m, weight_mb=nbytes / 1e6)
+    saved = os.environ.get("INFER_PDL")
+    try:
+        for label, flag in (("gemv_pdl", "1"), ("gemv_nopdl", "0")):
+            os.environ["INFER_PDL"] = flag
+            row[f"{label}_us"] = 1e3 * layers * _graph_ms(ours, layers)
+    finally:
+        os.environ.pop("INFER_PDL") if saved is None else os.environ.__setitem__("INFER_PDL", saved)
+    row["cublas_us"] = 1e3 * layers * _graph_ms(cublas, layers)
+    for key in ("gemv_pdl", "gemv_nopdl", "cublas"):
+        row[f"{key}_gbps"] = nbytes / (row[f"{key}_us"] * 1e-6) / 1e9
+    return row
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, nargs="+", default=[1, 2, 4, 8])
     parser.add_argument("--shapes", nargs="+", default=list(SHAPES))
     parser.add_argument("--sweep", action="store_true")
     parser.add_argument("--prologue", nargs="+", default=["none"], choices=("none", "rms", "add_rms", "silu_mul"))
+    parser.add_argument("--chain", type=int, default=0, metavar="LAYERS",
+                        help="time LAYERS decoder layers' projections back to back (PDL on/off, cuBLAS)")
     parser.add_argument("--out")
     args = parser.parse_args()
     copy = copy_bandwidth()
     print(f"copy bandwidth {copy:.0f} GB/s")
+    if args.chain:
+        print("| shape | layers | rows | weights MB | gemv+PDL us | of copy | gemv us | of copy | cuBLAS us | of copy |")
+        print("|---|---|---|---|---|---|---|---|---|---|")
+        rows = []
+        for shape, m in itertools.product([s for s in LAYER_SHAPES if any(n.startswith(s) for n in args.shapes)],
+                                          args.rows):
+            r = run_chain(shape, args.chain, m)
+            rows.append(r)
+            print(f"| {shape} | {args.chain} | {m} | {r['weight_mb']:.0f} | " + " | ".join(
+                f"{r[k + '_us']:.1f} | {r[k + '_gbps'] / copy:.0%}" for k in ("gemv_pdl", "gemv_nopdl", "cublas"))
+                + " |", flush=True)
+        if args.out:
+            with open(args.out, "w") as f:
+                json.dump(dict(copy_gbps=copy, rows=rows), f, indent=1)
+        return
     print("| shape | prologue | rows | unfused us | GB/s | gemv us | GB/s | of copy | config | best us | best config | err |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     rows = []

@@ -46,6 +46,7 @@ class StepInputs:
         logits_indices: ``[N] int64`` rows of the hidden states that sample (last token of each
             sampling entry, in entry order).
         num_tokens: real (unpadded) token count.
+        graph_size: the captured decode graph these (static) inputs feed, if any.
     """
 
     input_ids: Tensor
@@ -53,6 +54,21 @@ class StepInputs:
     metadata: AttentionMetadata
     logits_indices: Tensor
     num_tokens: int
+    graph_size: int | None = None
+
+
+class StepGraph:
+    """One captured step: a CUDA graph and the static tensor its replay writes the result to."""
+
+    def __init__(self, step, pool) -> None:
+        """Capture ``step()`` (warmed up already: nothing may compile or allocate lazily in it)."""
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph, pool=pool):
+            self.output = step()
+
+    def replay(self) -> Tensor:
+        self.graph.replay()
+        return self.output
 
 
 class ModelRunner:
@@ -74,11 +90,16 @@ class ModelRunner:
         self.compiled = config.compile
         self._forward = model.forward
         options = config.compile_options_dict
+        # Full graphs hold attention too: decode steps then run on static per-size buffers. The
+        # runner captures them itself, LM head included, and replays them without going through
+        # Dynamo; the backend compiles without graphs (prefill runs the compiled code as is).
+        self.full_graph = bool(self.capture_sizes) and options.get("cudagraph_mode") == "full"
+        if self.full_graph:
+            options = dict(options, cudagraph_mode="none")
         if config.compile:
             self._forward = torch.compile(model.forward, backend="infer", options=options)
-        # Full graphs hold attention too: decode steps then run on static per-size buffers.
-        self.full_graph = bool(self.capture_sizes) and options.get("cudagraph_mode") == "full"
         self.decode_buffers: dict[int, DecodeBuffers] = {}
+        self.decode_graphs: dict[int, StepGraph] = {}
 
     def _padded_size(self, num_tokens: int) -> int:
         """Token count a decode batch of ``num_tokens`` runs at (CUDA-graph hook).
@@ -103,7 +124,7 @@ class ModelRunner:
             return None
         buffers = self._buffers(size)
         fill_decode_buffers(buffers, batch.entries, self.block_size)
-        return StepInputs(buffers.input_ids, buffers.positions, buffers.metadata, buffers.rows[:n], n)
+        return StepInputs(buffers.input_ids, buffers.positions, buffers.metadata, buffers.rows[:n], n, size)
 
     def prepare(self, batch: ScheduledBatch) -> StepInputs:
         """Flatten the batch: ids and positions ``start..end-1`` per entry, metadata, logits rows."""
@@ -158,11 +179,17 @@ class ModelRunner:
     def run(self, batch: ScheduledBatch) -> Tensor:
         """Run one step; returns ``[N] int64`` CPU token ids, one per sampling entry in order."""
         inputs = self.prepare(batch)
-        hidden = self.forward(inputs.input_ids, inputs.positions, inputs.metadata)  # [T_pad, H]
+        graph = self.decode_graphs.get(inputs.graph_size)
+        if graph is not None:  # every entry of a decode step samples, in row order
+            logits = graph.replay()[:inputs.num_tokens]  # [N, V]
+        else:
+            hidden = self.forward(inputs.input_ids, inputs.positions, inputs.metadata)  # [T_pad, H]
+            logits = None
         sampling = [entry.seq for entry in batch.entries if entry.sample]
         if not sampling:
             return torch.empty(0, dtype=torch.int64)
-        logits = self.model.compute_logits(hidden[inputs.logits_indices])  # [N, V]
+        if logits is None:
+            logits = self.model.compute_logits(hidden[inputs.logits_indices])  # [N, V]
         tokens = sample(logits, [s.params for s in sampling], [s.generator for s in sampling])  # [N]
         return tokens.cpu()
 
@@ -174,22 +201,33 @@ class ModelRunner:
         if not (self.compiled and self.capture_sizes):
             return 0.0
         start = time.perf_counter()
+        pool = torch.cuda.graph_pool_handle()  # shared by every size, captured largest first
         for size in sorted(self.capture_sizes, reverse=True):
             if self.full_graph:
                 buffers = self._buffers(size)
                 buffers.clear()
-                ids, positions, metadata = buffers.input_ids, buffers.positions, buffers.metadata
-            else:
-                metadata = AttentionMetadata.build([], [], [], self.block_size, self.device,
-                                                   max_blocks_per_seq=self.max_blocks_per_seq, pad_tokens_to=size)
-                ids = torch.full((size,), PAD_TOKEN_ID, dtype=torch.int64, device=self.device)  # [size]
-                positions = torch.zeros(size, dtype=torch.int64, device=self.device)  # [size]
-            for _ in range(2):  # warm-up, then capture
+                self.decode_graphs[size] = self.capture_decode_step(buffers, pool)
+                continue
+            metadata = AttentionMetadata.build([], [], [], self.block_size, self.device,
+                                               max_blocks_per_seq=self.max_blocks_per_seq, pad_tokens_to=size)
+            ids = torch.full((size,), PAD_TOKEN_ID, dtype=torch.int64, device=self.device)  # [size]
+            positions = torch.zeros(size, dtype=torch.int64, device=self.device)  # [size]
+            for _ in range(2):  # warm-up, then the backend captures each piece
                 self.forward(ids, positions, metadata)
         torch.cuda.synchronize()
         seconds = time.perf_counter() - start
         logger.info("captured CUDA graphs for %d sizes in %.1fs", len(self.capture_sizes), seconds)
         return seconds
+
+    def capture_decode_step(self, buffers: DecodeBuffers, pool) -> StepGraph:
+        """Warm up, then capture forward + LM head on ``buffers`` (all rows dummy: nothing is written)."""
+        def step() -> Tensor:
+            hidden = self.forward(buffers.input_ids, buffers.positions, buffers.metadata)  # [B, H]
+            return self.model.compute_logits(hidden)  # [B, V]
+        for _ in range(2):  # compile (first size only), then the kernels' first launches
+            step()
+        torch.cuda.synchronize()
+        return StepGraph(step, pool)
 
     @torch.inference_mode()
     def profile_run(self) -> None:

@@ -33,6 +33,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from .pdl import pdl_launch_options
+
 LOG2E = 1.4426950408889634
 REDUCE_SPLITS_BLOCK = 16  # partials combined per reduce iteration (fixed: no recompile per batch size)
 
@@ -109,8 +111,11 @@ def _decode_partial_kernel(
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
     stride_ckv, stride_cblk, stride_ctok, stride_ch, stride_bt,
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-    BLOCK_N: tl.constexpr, FUSE_WRITE: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_N: tl.constexpr, FUSE_WRITE: tl.constexpr, PRECISION: tl.constexpr, USE_PDL: tl.constexpr,
 ):
+    if USE_PDL:  # everything below reads what earlier kernels wrote
+        tl.extra.cuda.gdc_launch_dependents()
+        tl.extra.cuda.gdc_wait()
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
@@ -183,8 +188,11 @@ def _decode_partial_kernel(
 @triton.jit(do_not_specialize=["num_splits", "min_split_len"])
 def _decode_reduce_kernel(
     part_o_ptr, part_lse_ptr, seq_lens_ptr, out_ptr, num_splits, min_split_len, max_context, stride_ot, stride_oh,
-    HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, SPLITS_BLOCK: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, SPLITS_BLOCK: tl.constexpr, USE_PDL: tl.constexpr,
 ):
+    if USE_PDL:
+        tl.extra.cuda.gdc_launch_dependents()
+        tl.extra.cuda.gdc_wait()
     seq = tl.program_id(0)
     head = tl.program_id(1)
     seq_len = tl.minimum(tl.load(seq_lens_ptr + seq), max_context)
@@ -245,6 +253,9 @@ def _launch(
         part_o = torch.empty(num_seqs, num_q_heads, splits, head_dim, device=q.device, dtype=torch.float32)
         part_lse = torch.empty(num_seqs, num_q_heads, splits, device=q.device, dtype=torch.float32)
     k, v, slots = new_kv if new_kv is not None else (q, q, seq_lens)  # placeholders, unused without the write
+    # PDL only in the latency-bound regime: at batch 64 the early-scheduled reduce kernel took SM
+    # slots from the partial kernel and the 0.6B step lost 0.13 ms (H200).
+    pdl = pdl_launch_options(q.device, enable=num_seqs * num_kv_heads < _num_sms(q.device))
     _decode_partial_kernel[(num_seqs, num_kv_heads, splits)](
         q, k, v, kv_cache, slots, block_tables, seq_lens, out, part_o, part_lse,
         scale * LOG2E, splits, min_split_len, max_context, slots.shape[0],
@@ -253,12 +264,12 @@ def _launch(
         GROUP=num_q_heads // num_kv_heads, GROUP_PAD=max(16, triton.next_power_of_2(num_q_heads // num_kv_heads)),
         HEAD_DIM=head_dim, BLOCK_SIZE=block_size, BLOCK_N=config.block_n, FUSE_WRITE=new_kv is not None,
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-        num_warps=config.num_warps, num_stages=config.num_stages,
+        num_warps=config.num_warps, num_stages=config.num_stages, **pdl,
     )
     if splits > 1:
         _decode_reduce_kernel[(num_seqs, num_q_heads)](
             part_o, part_lse, seq_lens, out, splits, min_split_len, max_context, out.stride(0), out.stride(1),
-            HEAD_DIM=head_dim, BLOCK_N=config.block_n, SPLITS_BLOCK=REDUCE_SPLITS_BLOCK, num_warps=4,
+            HEAD_DIM=head_dim, BLOCK_N=config.block_n, SPLITS_BLOCK=REDUCE_SPLITS_BLOCK, num_warps=4, **pdl,
         )
     return out
 

@@ -26,8 +26,14 @@ import torch
 import triton
 import triton.language as tl
 
+from .pdl import pdl_launch_options
+
 MAX_ROWS = 8  # most rows the kernel takes; callers fall back to a GEMM above this
 NONE, RMS, ADD_RMS, SILU_MUL = 0, 1, 2, 3
+# Largest weight (elements) launched with PDL. A 28-layer chain of 0.6B-sized projections (1-6M
+# elements) ran 28% faster with it (H200: 551 -> 395 us at M=1); 8B-sized ones (17-50M) ran 7%
+# slower, the early-scheduled next kernel holding SM slots the long current one still needs.
+PDL_MAX_WEIGHT = 8 << 20
 PROLOGUES = {"none": NONE, "rms": RMS, "add_rms": ADD_RMS, "silu_mul": SILU_MUL}
 
 
@@ -74,7 +80,7 @@ def _gemv_kernel(
     M, N, eps, stride_x, stride_x2, stride_r, stride_y, stride_s, stride_w,
     K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     PROLOGUE: tl.constexpr, HAS_NORM_WEIGHT: tl.constexpr, CAST_BEFORE_WEIGHT: tl.constexpr,
-    HAS_BIAS: tl.constexpr,
+    HAS_BIAS: tl.constexpr, USE_PDL: tl.constexpr,
 ):
     pid = tl.program_id(0)
     m = tl.arange(0, BLOCK_M)
@@ -83,6 +89,12 @@ def _gemv_kernel(
     n = pid * BLOCK_N + tl.arange(0, BLOCK_N)  # [BN]
     n_mask = n < N
     w_rows = w_ptr + n[:, None].to(tl.int64) * stride_w  # [BN, 1]
+    # The first weight tile depends on no earlier kernel: its loads go out before the PDL wait.
+    cols_first = tl.arange(0, BLOCK_K)[None, :]  # [1, BK]
+    w_first = tl.load(w_rows + cols_first, mask=n_mask[:, None] & (cols_first < K), other=0.0)  # [BN, BK]
+    if USE_PDL:
+        tl.extra.cuda.gdc_launch_dependents()
+        tl.extra.cuda.gdc_wait()  # inputs below are written by earlier kernels
 
     inv = tl.zeros([BLOCK_M], dtype=tl.float32)
     if PROLOGUE == 1 or PROLOGUE == 2:  # 1 / rms of every row first (the rows are tiny)
@@ -100,7 +112,10 @@ def _gemv_kernel(
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for k0 in tl.static_range(0, K, BLOCK_K):
         cols = (k0 + tl.arange(0, BLOCK_K))[None, :]  # [1, BK]
-        w = tl.load(w_rows + cols, mask=n_mask[:, None] & (cols < K), other=0.0).to(tl.float32)  # [BN, BK]
+        if k0 == 0:
+            w = w_first.to(tl.float32)
+        else:
+            w = tl.load(w_rows + cols, mask=n_mask[:, None] & (cols < K), other=0.0).to(tl.float32)  # [BN, BK]
         for mi in tl.static_range(BLOCK_M):  # the weight tile is loaded once for every row
             inv_i = tl.sum(tl.where(m == mi, inv, 0.0), 0)
             row_ok = (cols < K) & (cols * 0 + mi < M)
@@ -165,5 +180,6 @@ def gemv(
             K=k, BLOCK_M=max(1, triton.next_power_of_2(m)), BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
             PROLOGUE=mode, HAS_NORM_WEIGHT=norm_weight is not None, CAST_BEFORE_WEIGHT=cast_before_weight,
             HAS_BIAS=bias is not None, num_warps=cfg.num_warps,
+            **pdl_launch_options(x.device, enable=n * k <= PDL_MAX_WEIGHT),
         )
     return y, s

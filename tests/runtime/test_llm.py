@@ -87,14 +87,26 @@ def test_greedy_matches_transformers(tiny, kind, inner):
 
 
 @pytest.mark.gpu
-def test_greedy_matches_transformers_on_cuda(tmp_path):
-    """Triton paged attention (head_dim 64), CUDA KV sizing and padded decode batches."""
+@pytest.mark.parametrize("mode", ["full", "piecewise"])
+def test_greedy_matches_transformers_on_cuda(tmp_path, monkeypatch, mode):
+    """Triton paged attention (head_dim 64), CUDA KV sizing and padded decode batches; in full
+    mode every decode step replays a runner-captured graph (forward + LM head)."""
+    from infer.runtime.engine.model_runner import StepGraph
     model = save_tiny_checkpoint("llama", tmp_path / "llama", head_dim=64)
     expected = hf_greedy(model, PROMPTS, MAX_TOKENS)
     llm = LLM(tmp_path / "llama", dtype="float32", device="cuda", compile=True, gpu_memory_utilization=0.3,
-              compile_options={"inner_compiler": "eager"}, max_num_seqs=8, max_num_batched_tokens=256)
+              compile_options={"inner_compiler": "eager", "cudagraph_mode": mode}, max_num_seqs=8,
+              max_num_batched_tokens=256)
     assert llm.runner._padded_size(3) == 4 and llm.num_blocks > 0
+    replays = []
+    replay = StepGraph.replay
+    monkeypatch.setattr(StepGraph, "replay", lambda self: replays.append(self) or replay(self))
     assert token_ids(llm.generate(PROMPTS, GREEDY, use_tqdm=False)) == expected
+    if mode == "full":
+        assert set(llm.runner.decode_graphs) == set(llm.runner.capture_sizes)
+        assert len(replays) >= MAX_TOKENS - 1  # every decode step
+    else:
+        assert not llm.runner.decode_graphs and not replays
 
 
 def test_padded_decode_batches_give_the_same_output(tiny, monkeypatch):

@@ -1,0 +1,105 @@
+"""Where an engine run's time goes: scheduler, input preparation, forward (prefill / decode),
+LM head + sampling, postprocess; on the throughput scenario's workload.
+
+    python -m infer.benchmarks.engine_phases [--seqs 256] [--mode inductor]
+
+Each phase is bracketed by device synchronizations, so its time is its own host time plus the
+device work it launched; the run is slower than an unsynchronized one (``throughput`` measures
+that), but the split shows which phase to attack. Decode forwards are also split by batch size.
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import tempfile
+import time
+
+import torch
+
+from .decode_step import qwen3_config
+from .hf_baselines import save_checkpoint
+from .throughput import LLM_MODES, MAX_BATCHED_TOKENS, MAX_MODEL_LEN, Workload
+
+
+class Phases:
+    """Accumulated seconds and counts per phase name."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = collections.defaultdict(float)
+        self.calls: dict[str, int] = collections.defaultdict(int)
+
+    def wrap(self, obj, name: str, phase) -> None:
+        """Replace ``obj.name`` with a synchronized, timed call; ``phase(*args)`` names the phase."""
+        inner = getattr(obj, name)
+
+        def timed(*args, **kwargs):
+            torch.cuda.synchronize()
+            start = time.perf_counter()
+            out = inner(*args, **kwargs)
+            torch.cuda.synchronize()
+            key = phase(*args)
+            self.seconds[key] += time.perf_counter() - start
+            self.calls[key] += 1
+            return out
+        setattr(obj, name, timed)
+
+
+def _forward_phase(runner):
+    def phase(input_ids, positions, metadata) -> str:
+        if metadata.is_uniform_decode:
+            n = input_ids.shape[0]
+            bucket = 1 << max(0, (n - 1).bit_length())
+            return f"forward decode (<= {bucket} seqs)"
+        return "forward prefill/mixed"
+    return phase
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seqs", type=int, default=256)
+    parser.add_argument("--mode", choices=sorted(LLM_MODES), default="inductor")
+    parser.add_argument("--shape", default="0.6b")
+    args = parser.parse_args()
+    from ..runtime.engine import model_runner as mr
+    from ..runtime.engine.llm import LLM
+    from ..runtime.engine.sampling import SamplingParams
+
+    cfg = qwen3_config(args.shape)
+    workload = Workload(args.seqs, (100, 1024), (100, 1024))
+    prompts, outputs = workload.sample(cfg.vocab_size)
+    with tempfile.TemporaryDirectory(prefix="infer-phases-") as folder:
+        save_checkpoint(cfg, folder, "cuda")
+        llm = LLM(folder, dtype="bfloat16", max_model_len=MAX_MODEL_LEN, max_num_seqs=len(prompts), compile=True,
+                  device="cuda", max_num_batched_tokens=MAX_BATCHED_TOKENS, **LLM_MODES[args.mode])
+        llm.generate([prompts[0][:16]], SamplingParams(max_tokens=4, ignore_eos=True), use_tqdm=False)
+        params = [SamplingParams(temperature=workload.temperature, max_tokens=n, ignore_eos=True) for n in outputs]
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        llm.generate(prompts, params, use_tqdm=False)
+        torch.cuda.synchronize()
+        plain = time.perf_counter() - start
+        phases = Phases()
+        runner = llm.runner
+        phases.wrap(llm.scheduler, "schedule", lambda: "schedule")
+        phases.wrap(llm.scheduler, "postprocess", lambda *a: "postprocess")
+        phases.wrap(runner, "prepare", lambda batch: "prepare " + ("prefill" if batch.is_prefill else "decode"))
+        phases.wrap(runner, "forward", _forward_phase(runner))
+        phases.wrap(runner.model, "compute_logits", lambda hidden: "lm head")
+        phases.wrap(mr, "sample", lambda logits, *a: "sample")
+        start = time.perf_counter()
+        llm.generate(prompts, params, use_tqdm=False)
+        timed = time.perf_counter() - start
+    tokens = sum(outputs)
+    print(f"{args.seqs} sequences, {tokens} output tokens: {plain:.2f} s unsynchronized "
+          f"({tokens / plain:.0f} tok/s); {timed:.2f} s with phase timers")
+    print("| phase | calls | seconds | ms/call | share |")
+    print("|---|---|---|---|---|")
+    for key in sorted(phases.seconds, key=phases.seconds.get, reverse=True):
+        s = phases.seconds[key]
+        print(f"| {key} | {phases.calls[key]} | {s:.3f} | {1e3 * s / phases.calls[key]:.3f} | {s / timed:.1%} |")
+    accounted = sum(phases.seconds.values())
+    print(f"| (unaccounted) | | {timed - accounted:.3f} | | {(timed - accounted) / timed:.1%} |")
+
+
+if __name__ == "__main__":
+    main()
