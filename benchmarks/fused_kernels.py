@@ -5,7 +5,8 @@ Usage::
     python -m infer.benchmarks.fused_kernels [--out results.json] [--no-cudagraph]
 
 For each op (``rms_norm``, ``fused_add_rms_norm``, ``silu_and_mul`` on a packed gate_up
-buffer) and each shape, the op's output is first checked against the plain-torch reference,
+buffer, ``qk_norm_rotary`` with q ``[rows, hidden/128, 128]`` and a quarter as many k heads) and
+each shape, the op's output is first checked against the plain-torch reference,
 then timed (median). Bandwidth is (bytes read + bytes written) / time; the copy baseline
 moves one large bf16 buffer into a preallocated one. Prints a markdown table; ``--out``
 also writes JSON.
@@ -23,11 +24,13 @@ import torch
 
 from ..runtime.ops.activation import silu_and_mul_ref
 from ..runtime.ops.norm import fused_add_rms_norm_ref, rms_norm_ref
+from ..runtime.ops.rotary import rotary_ref
 
 logger = logging.getLogger(__name__)
 
 SHAPES = ((4096, 4096), (1, 4096))  # [rows, hidden]
 EPS = 1e-6
+HEAD_DIM = 128  # qk_norm_rotary: Qwen3's head_dim, 4 q heads per k head
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
@@ -77,6 +80,13 @@ def _cases(rows: int, hidden: int, dtype: torch.dtype):
            lambda: fused_add_rms_norm_ref(x, res, *rms(x, w)), copies * (4 * rows * hidden + hidden) * size)
     yield ("silu_and_mul", lambda: [torch.ops.infer.silu_and_mul(s[3], s[4]) for s in sets][0],
            lambda: silu_and_mul_ref(gate, up), copies * 3 * rows * hidden * size)
+    qk_sets = [_qk_inputs(rows, hidden, dtype) for _ in range(copies)]
+    q, q_norm, k, k_norm, cos, sin = qk_sets[0]
+    qk_elems = q.numel() + k.numel()
+    qk_norm_rotary = lambda s: torch.ops.infer.qk_norm_rotary(s[0], *s[1], s[2], *s[3], *s[4:])  # noqa: E731
+    yield ("qk_norm_rotary", lambda: [qk_norm_rotary(s) for s in qk_sets][0],
+           lambda: tuple(rotary_ref(rms_norm_ref(x, *n), cos, sin) for x, n in ((q, q_norm), (k, k_norm))),
+           copies * ((2 * qk_elems + 2 * HEAD_DIM) * size + 2 * cos.numel() * cos.element_size()))
 
 
 def _inputs(rows: int, hidden: int, dtype: torch.dtype):
@@ -85,6 +95,16 @@ def _inputs(rows: int, hidden: int, dtype: torch.dtype):
     w = torch.randn(hidden, device="cuda", dtype=dtype)  # [H]
     gate_up = torch.randn(rows, 2 * hidden, device="cuda", dtype=dtype)  # [T, 2I], I = H
     return x, res, w, gate_up[:, :hidden], gate_up[:, hidden:]  # gate/up: [T, I] views, row stride 2I
+
+
+def _qk_inputs(rows: int, hidden: int, dtype: torch.dtype):
+    """``(q, q_norm_args, k, k_norm_args, cos, sin)``; q holds ``hidden`` elements per token."""
+    q_heads = max(1, hidden // HEAD_DIM)
+    q = torch.randn(rows, q_heads, HEAD_DIM, device="cuda", dtype=dtype)  # [T, Hq, D]
+    k = torch.randn(rows, max(1, q_heads // 4), HEAD_DIM, device="cuda", dtype=dtype)  # [T, Hk, D]
+    cos, sin = torch.randn(rows, HEAD_DIM, device="cuda").chunk(2, dim=-1)  # [T, D/2] each, fp32
+    norm = lambda: (torch.randn(HEAD_DIM, device="cuda", dtype=dtype), EPS, True, dtype)  # noqa: E731
+    return q, norm(), k, norm(), cos, sin
 
 
 def _check(name: str, got, want) -> None:

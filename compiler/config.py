@@ -25,6 +25,7 @@ class CompilerConfig:
     fuse_activation: bool = True
     fuse_gemm: bool = True
     fuse_linear: bool = True
+    fuse_qk_norm_rope: bool = True  # q/k RMSNorm + rotary in one op; needs fuse_norm
     lint: bool = True
     dump_graphs: bool = False
     splitting_ops: tuple[str, ...] = DEFAULT_SPLITTING_OPS
@@ -35,8 +36,8 @@ class CompilerConfig:
     def __post_init__(self) -> None:
         _check_choice("inner_compiler", self.inner_compiler, INNER_COMPILERS)
         _check_choice("cudagraph_mode", self.cudagraph_mode, CUDAGRAPH_MODES)
-        for name in ("eliminate_noops", "fuse_norm", "fuse_activation", "fuse_gemm", "fuse_linear", "lint",
-                     "dump_graphs", "debug_cudagraph_addresses"):
+        for name in ("eliminate_noops", "fuse_norm", "fuse_activation", "fuse_gemm", "fuse_linear",
+                     "fuse_qk_norm_rope", "lint", "dump_graphs", "debug_cudagraph_addresses"):
             value = getattr(self, name)
             if not isinstance(value, bool):
                 raise ValueError(f"option {name!r} must be True or False, got {value!r}")

@@ -27,7 +27,7 @@ def inner_compile(gm: fx.GraphModule, example_inputs: Sequence, inner_compiler: 
 
 
 FUNCTIONAL_OPS = ("rms_norm", "fused_add_rms_norm", "silu_and_mul", "linear", "rms_norm_linear",
-                  "add_rms_norm_linear", "silu_mul_linear")
+                  "add_rms_norm_linear", "silu_mul_linear", "rotary_embedding", "qk_norm_rotary")
 
 
 @functools.lru_cache(maxsize=None)
@@ -49,18 +49,33 @@ def _register_fallbacks() -> None:
 
 
 def _inductor(gm: fx.GraphModule, example_inputs: Sequence) -> Callable:
+    from torch._inductor import config as inductor_config
     from torch._inductor.compile_fx import compile_fx_inner
     _register_fallbacks()
+    # Inductor's own Triton kernels join the programmatic-dependent-launch chain of ours
+    # (runtime/kernels/pdl.py) where the device supports it.
+    patch = {"triton.enable_pdl": True} if _pdl_device(example_inputs) else {}
     context = torch._guards.TracingContext.try_get()
-    if context is None:
-        return compile_fx_inner(gm, list(example_inputs))
-    # Each piece of a split graph is its own Inductor graph: keep them from reporting output
-    # strides into the one tracing context of the whole graph.
-    saved, context.output_strides = context.output_strides, None
-    try:
-        return compile_fx_inner(gm, list(example_inputs))
-    finally:
-        context.output_strides = saved
+    with inductor_config.patch(patch):
+        if context is None:
+            return compile_fx_inner(gm, list(example_inputs))
+        # Each piece of a split graph is its own Inductor graph: keep them from reporting output
+        # strides into the one tracing context of the whole graph.
+        saved, context.output_strides = context.output_strides, None
+        try:
+            return compile_fx_inner(gm, list(example_inputs))
+        finally:
+            context.output_strides = saved
+
+
+def _pdl_device(example_inputs: Sequence) -> bool:
+    from torch._inductor import config as inductor_config
+
+    from ..runtime.kernels.pdl import pdl_enabled
+    if not hasattr(inductor_config.triton, "enable_pdl"):
+        return False
+    device = next((t.device for t in example_inputs if isinstance(t, torch.Tensor) and t.is_cuda), None)
+    return device is not None and pdl_enabled(device)
 
 
 def call_boxed(fn: Callable, args: list) -> object:

@@ -16,10 +16,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..runtime.attention import Attention
+from ..runtime import ops  # noqa: F401  (registers torch.ops.infer.rotary_embedding)
 from .layers.embedding import ParallelLMHead, VocabParallelEmbedding
 from .layers.linear import ColumnParallelLinear, RowParallelLinear, resolve_tp
 from .layers.norm import RMSNorm
-from .layers.rotary import apply_rotary, get_rope
+from .layers.rotary import get_rope
 
 logger = logging.getLogger(__name__)
 
@@ -81,9 +82,8 @@ class LlamaAttention(nn.Module):
         if self.qk_norm:
             q = self.q_norm(q)  # [T, Hq, D]
             k = self.k_norm(k)  # [T, Hkv, D]
-        q = apply_rotary(q, cos, sin).flatten(1)  # [T, Hq*D]
-        k = apply_rotary(k, cos, sin).flatten(1)  # [T, Hkv*D]
-        out = self.attn(q, k, v)  # [T, Hq*D]
+        q, k = torch.ops.infer.rotary_embedding(q, k, cos, sin)  # apply_rotary on each, one kernel
+        out = self.attn(q.flatten(1), k.flatten(1), v)  # [T, Hq*D]
         return self.o_proj(out)  # [T, H]
 
 

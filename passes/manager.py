@@ -13,6 +13,7 @@ from .fused_add_rms_norm import FusedAddRMSNormPass
 from .gemm_pack import GemmPackPass
 from .linear_prologue import LinearProloguePass
 from .noop_elimination import NoopEliminationPass
+from .qk_norm_rotary import QKNormRotaryPass
 from .rms_norm import RMSNormPass
 from .silu_and_mul import SiluAndMulPass
 
@@ -25,6 +26,7 @@ FUSED_OP_KINDS = {  # op in the final graph -> the fusions it stands for
     "rms_norm_linear": ("rms_norm", "linear_prologue"),
     "add_rms_norm_linear": ("fused_add_rms_norm", "linear_prologue"),
     "silu_mul_linear": ("silu_and_mul", "linear_prologue"),
+    "qk_norm_rotary": ("rms_norm", "rms_norm", "qk_norm_rotary"),  # the q and k norms stay counted
 }
 
 
@@ -35,6 +37,8 @@ def build_passes(config: CompilerConfig, context: PassContext) -> list[InferPass
         passes.append(NoopEliminationPass(context))
     if config.fuse_norm:
         passes += [RMSNormPass(context), FusedAddRMSNormPass(context)]
+        if config.fuse_qk_norm_rope:  # rewrites the infer.rms_norm nodes the norm pass made
+            passes.append(QKNormRotaryPass(context))
     if config.fuse_gemm:
         passes.append(GemmPackPass(context))
     if config.fuse_activation:

@@ -114,8 +114,8 @@ def compute_inv_freq(params: Mapping[str, Any], rot_dim: int, max_pos: int) -> t
 class RotaryEmbedding(nn.Module):
     """Holds ``cos_sin_cache [max_pos, rot_dim]`` (cos half | sin half, fp32, scaled).
 
-    ``forward(positions [T]) -> (cos, sin)`` each ``[T, rot_dim/2]``; apply them with
-    :func:`apply_rotary`.
+    ``forward(positions [T]) -> (cos, sin)`` each ``[T, rot_dim/2]``; apply them to q and k with
+    ``torch.ops.infer.rotary_embedding``, which computes :func:`apply_rotary` on each.
     """
 
     def __init__(self, head_dim: int, rot_dim: int, max_position: int, inv_freq: torch.Tensor, scaling: float = 1.0):
@@ -146,7 +146,8 @@ class RotaryEmbedding(nn.Module):
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate ``x [T, H, D]`` by ``cos/sin [T, rot/2]`` (neox layout, first ``rot`` dims of D).
 
-    Equals HF's ``x * cat(cos, cos) + rotate_half(x) * cat(sin, sin)`` on the rotated dims.
+    Equals HF's ``x * cat(cos, cos) + rotate_half(x) * cat(sin, sin)`` on the rotated dims. The
+    reference that ``infer::rotary_embedding`` (:mod:`infer.runtime.ops.rotary`) reproduces bit for bit.
     """
     half = cos.shape[-1]
     cos = cos.unsqueeze(1).to(x.dtype)  # [T, 1, rot/2]
