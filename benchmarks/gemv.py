@@ -26,7 +26,8 @@ SHAPES = {  # name -> (N, K) of the projection weight
     "8b qkv": (6144, 4096), "8b o": (4096, 4096), "8b gate_up": (24576, 4096), "8b down": (4096, 12288),
     "8b lm_head": (151936, 4096),
 }
-SWEEP = [GemvConfig(bn, bk, w) for bn, bk, w in itertools.product((4, 8, 16), (256, 512, 1024, 2048), (2, 4))
+SWEEP = [GemvConfig(bn, bk, w) for bn, bk, w in itertools.product((1, 2, 4, 8, 16), (256, 512, 1024, 2048, 4096),
+                                                                  (1, 2, 4))
          if 2048 <= bn * bk <= 8192]
 
 

@@ -3,6 +3,10 @@
 Random rows use the exponential race: ``argmax(p / q)`` with ``q ~ Exp(1)`` draws a token with
 probability ``p``. A row whose request has a generator takes its noise from that generator
 alone, so a seeded request gives the same tokens whatever else is in the batch.
+
+On CUDA, a batch whose rows all share one temperature, with no top-k / top-p and the global RNG
+(the common case), takes one Triton kernel (:mod:`..kernels.sampling_triton`): the same race in
+its Gumbel-max form, with noise keyed on a seed drawn from torch's CPU RNG, the logits read once.
 """
 from __future__ import annotations
 
@@ -11,8 +15,13 @@ from collections.abc import Sequence as SequenceABC
 import torch
 from torch import Tensor
 
+from ..kernels.sampling_triton import draw_seed, gumbel_sample
 from .sampling import SamplingParams
 
+KERNEL_DEVICE_TYPES = ("cuda",)  # devices whose temperature-only shared rows take the Triton kernel
+# Fewest rows that take the kernel. H200, vocab 151,936, bf16: 1.6x faster than the torch race at
+# 256 rows (446 vs 727 us) and 1.3x at 64, but slower at 1 row (117 vs 96 us).
+KERNEL_MIN_ROWS = 64
 MIN_TEMPERATURE = 1e-5  # smaller positive temperatures would overflow the scaled logits to inf
 
 
@@ -22,7 +31,7 @@ def sample(logits: Tensor, params: SequenceABC[SamplingParams],
     """Pick one token per row.
 
     Args:
-        logits: ``[N, V]`` float logits (computed in float32).
+        logits: ``[N, V]`` float logits (fp32, bf16 or fp16; computed in float32).
         params: ``N`` sampling parameters, one per row.
         generators: ``N`` generators or ``None`` (``None`` entries and ``None`` use torch's
             global RNG); a generator may live on any device, its noise is moved to ``logits``.
@@ -37,11 +46,10 @@ def sample(logits: Tensor, params: SequenceABC[SamplingParams],
     if len(params) != n or (generators is not None and len(generators) != n):
         raise ValueError(f"need one params (got {len(params)}) and one generator "
                          f"(got {None if generators is None else len(generators)}) per logits row ({n})")
-    logits = logits.float()
     shared = _shared_params(params, generators)
     if shared is not None:
         return _sample_shared(logits, shared)
-    return _sample_per_row(logits, params, generators)
+    return _sample_per_row(logits.float(), params, generators)
 
 
 def _shared_params(params: SequenceABC[SamplingParams],
@@ -57,15 +65,31 @@ def _shared_params(params: SequenceABC[SamplingParams],
 
 
 def _sample_shared(logits: Tensor, params: SamplingParams) -> Tensor:
-    """Every row with the same params and the global RNG: the per-row path in batched form, the
-    same numbers for the same noise, and no host lists or host-to-device copies."""
+    """Every row with the same params and the global RNG, without host lists or copies: greedy
+    rows take the argmax of ``logits`` as they are, temperature-only rows on CUDA the Gumbel-max
+    kernel, the others :func:`_race_shared`."""
     if params.greedy:
         return logits.argmax(dim=-1)  # [N]
+    temperature = max(params.temperature, MIN_TEMPERATURE)
+    if (logits.device.type in KERNEL_DEVICE_TYPES and logits.shape[0] >= KERNEL_MIN_ROWS
+            and not _filters(params, logits.shape[1])):
+        return gumbel_sample(logits, temperature, draw_seed())
+    return _race_shared(logits.float(), params)
+
+
+def _filters(params: SamplingParams, vocab: int) -> bool:
+    """Whether top-k or top-p removes tokens from a row of ``vocab``."""
+    return 0 < params.top_k < vocab or params.top_p < 1.0
+
+
+def _race_shared(logits: Tensor, params: SamplingParams) -> Tensor:
+    """The per-row path in batched form for shared random params: the same numbers for the same
+    noise (the global RNG's ``exponential_``)."""
     n, vocab = logits.shape
     temp = logits.new_full((1, 1), max(params.temperature, MIN_TEMPERATURE))
     logits = logits / temp  # [N, V]
-    top_k = params.top_k if 0 < params.top_k < vocab else vocab
-    if top_k < vocab or params.top_p < 1.0:
+    if _filters(params, vocab):
+        top_k = params.top_k if 0 < params.top_k < vocab else vocab
         k = torch.full((n, 1), top_k, dtype=torch.int64, device=logits.device)
         probs = _top_k_top_p(logits, k, logits.new_full((n, 1), params.top_p))
     else:
