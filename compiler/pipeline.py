@@ -10,6 +10,7 @@ from torch import fx
 
 from ..passes.base import PassContext
 from ..passes.manager import PassManager
+from .cache import current_recording
 from .config import CompilerConfig
 from .errors import InferUsageError
 from .inner import call_boxed, decomposition_table, is_parameter_input
@@ -27,22 +28,31 @@ def compile_graph(gm: fx.GraphModule, example_inputs: Sequence, config: Compiler
     frames_before = REPORTS.frames_compiled()
     report = CompileReport(inner_compiler=config.inner_compiler, cudagraph_mode=config.cudagraph_mode)
     static = _static_inputs(gm, example_inputs)
+    recording = current_recording()
+    record = recording.recorder(gm, example_inputs, config, report) if recording is not None else None
     start = time.perf_counter()
+    transform_s = 0.0
 
     def compile_inference(aot_gm: fx.GraphModule, aot_inputs: Sequence) -> Callable:
-        return _transform_and_compile(aot_gm, aot_inputs, static, config, report)
+        nonlocal transform_s
+        begin = time.perf_counter()
+        try:
+            return _transform_and_compile(aot_gm, aot_inputs, static, config, report, record)
+        finally:
+            transform_s += time.perf_counter() - begin
 
     compiled = aot_autograd(fw_compiler=compile_inference, inference_compiler=compile_inference,
                             decompositions=decomposition_table(),
                             keep_inference_input_mutations=True)(gm, example_inputs)
     report.time_total_s = time.perf_counter() - start
+    report.time_aot_s = report.time_total_s - transform_s
     REPORTS.publish(report, frames_before)
     logger.info("compiled graph:\n%s", report.summary())
     return compiled
 
 
-def _transform_and_compile(gm: fx.GraphModule, example_inputs: Sequence, static: list,
-                           config: CompilerConfig, report: CompileReport) -> Callable:
+def _transform_and_compile(gm: fx.GraphModule, example_inputs: Sequence, static: list, config: CompilerConfig,
+                           report: CompileReport, record: Callable | None = None) -> Callable:
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     static_by_name = {}
     if len(placeholders) == len(static):  # AOT keeps Dynamo's input order for inference graphs
@@ -54,15 +64,22 @@ def _transform_and_compile(gm: fx.GraphModule, example_inputs: Sequence, static:
     gm.recompile()
     report.time_passes_s = time.perf_counter() - start
     report.nodes_after = len(gm.graph.nodes)
+    if record is not None:
+        record(gm, context.extra_recipes)  # the compile cache saves the graph before the split
 
-    start = time.perf_counter()
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     is_static = [n.name in context.static_inputs for n in placeholders]
-    extra = context.extra_inputs
     inputs = list(example_inputs) + [n.meta["val"] for n in placeholders[len(example_inputs):]]
-    compiled = compile_pieces(gm, inputs, is_static, config, report)
+    return compile_transformed(gm, inputs, is_static, context.extra_inputs, config, report)
+
+
+def compile_transformed(gm: fx.GraphModule, example_inputs: Sequence, is_static: list[bool], constants: list,
+                        config: CompilerConfig, report: CompileReport) -> Callable:
+    """Split and inner-compile a graph the passes have transformed; `constants` feed its trailing inputs."""
+    start = time.perf_counter()
+    compiled = compile_pieces(gm, example_inputs, is_static, config, report)
     report.time_inner_s = time.perf_counter() - start
-    return compiled if not extra else _with_constants(compiled, extra)
+    return compiled if not constants else _with_constants(compiled, constants)
 
 
 def _with_constants(compiled: Callable, constants: list) -> Callable:

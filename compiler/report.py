@@ -21,16 +21,18 @@ class CompileReport:
     attention_backend: str | None = None
     cudagraph_mode: str = "none"
     cudagraphs: object = None  # CudaGraphStats, filled as graphs are captured at run time
+    cached: bool = False  # loaded from the compile cache: no Dynamo, AOT or passes ran
     time_dynamo_s: float | None = None
+    time_aot_s: float = 0.0  # AOT autograd: functionalization, decompositions, tracing to ATen
     time_passes_s: float = 0.0
-    time_inner_s: float = 0.0
-    time_total_s: float = 0.0
+    time_inner_s: float = 0.0  # graph split and inner compilation of the pieces
+    time_total_s: float = 0.0  # the backend: AOT + passes + inner
 
     def count_fusion(self, kind: str, n: int = 1) -> None:
         self.fusions[kind] = self.fusions.get(kind, 0) + n
 
     def summary(self) -> str:
-        lines = [f"inner compiler   {self.inner_compiler}",
+        lines = [f"inner compiler   {self.inner_compiler}" + (" (graph from the compile cache)" if self.cached else ""),
                  f"nodes            {self.nodes_before} -> {self.nodes_after}",
                  f"pieces           {self.pieces}" + (f" (split at {self.split_ops})" if self.split_ops else ""),
                  f"passes           {self.passes}",
@@ -41,7 +43,7 @@ class CompileReport:
         if self.attention_backend:
             lines.append(f"attention        {self.attention_backend}")
         dyn = "n/a" if self.time_dynamo_s is None else f"{self.time_dynamo_s:.2f}s"
-        lines.append(f"time             dynamo {dyn}, passes {self.time_passes_s:.3f}s, "
+        lines.append(f"time             dynamo {dyn}, aot {self.time_aot_s:.2f}s, passes {self.time_passes_s:.3f}s, "
                      f"inner {self.time_inner_s:.2f}s")
         return "\n".join(lines)
 

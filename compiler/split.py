@@ -39,10 +39,24 @@ def compile_pieces(gm: fx.GraphModule, example_inputs: Sequence, is_static: list
     return make_boxed_func(split_gm.forward)
 
 
+def piece_inputs(graph: fx.Graph, config: CompilerConfig) -> set[fx.Node]:
+    """The nodes whose values some piece takes as an input: the graph's placeholders and every value
+    used across a split. Only these need example values when the inner compiler is eager."""
+    splits = [] if config.cudagraph_mode == "full" else splitting_nodes(graph, config.splitting_ops)
+    assignment = _assignment(graph, splits)
+    crossing = {n for n in assignment if any(assignment.get(u, -1) != assignment[n] for u in n.users)}
+    return set(graph.find_nodes(op="placeholder")) | crossing
+
+
 def _split(gm: fx.GraphModule, splits: list[fx.Node]) -> fx.GraphModule:
+    assignment = _assignment(gm.graph, splits)
+    return split_module(gm, None, lambda n: assignment[n], keep_original_order=True)
+
+
+def _assignment(graph: fx.Graph, splits: list[fx.Node]) -> dict[fx.Node, int]:
     """Pieces numbered in graph order; every splitting node is a piece of its own."""
     split_set, piece, assignment = set(splits), 0, {}
-    for node in gm.graph.nodes:
+    for node in graph.nodes:
         if node.op in ("placeholder", "output"):
             continue
         if node in split_set:
@@ -51,36 +65,36 @@ def _split(gm: fx.GraphModule, splits: list[fx.Node]) -> fx.GraphModule:
             piece += 1
         else:
             assignment[node] = piece
-    return split_module(gm, None, lambda n: assignment[n], keep_original_order=True)
+    return assignment
 
 
 def _compile_submodules(split_gm: fx.GraphModule, example_inputs: Sequence, is_static: list[bool],
                         config: CompilerConfig, pool) -> int:
-    """Run the split graph on fake inputs; compile each non-splitting piece with the values it sees.
+    """Compile each piece that holds no splitting op; return how many (splitting-op calls + 1).
 
-    Returns the number of compiled pieces (splitting-op calls + 1 for a chain of layers)."""
+    A piece is compiled for the values its inputs carry in the graph: `split_module` copies each
+    node's metadata onto the placeholders that stand for it, so no fake run of the split graph
+    is needed. Inputs of the whole graph are the example inputs themselves (static where the
+    caller says so); values made by an earlier piece are never static."""
     from torch._guards import detect_fake_mode
-    static_ids = {id(t) for t, s in zip(example_inputs, is_static) if s}
+    graph_inputs = dict(zip(split_gm.graph.find_nodes(op="placeholder"), zip(example_inputs, is_static)))
     splitting = set(config.splitting_ops)
-    compiled_pieces = []
-
-    class Compiler(fx.Interpreter):
-        def call_module(self, target, args, kwargs):
-            submod = self.fetch_attr(target)
-            outputs = super().call_module(target, args, kwargs)
-            if not any(_op_name(n.target) in splitting for n in submod.graph.nodes if n.op == "call_function"):
-                compiled = inner_compile(submod, list(args), config.inner_compiler)
-                piece_static = [id(a) in static_ids for a in args]
-                split_gm.__setattr__(target, _Piece(_wrap_graphs(compiled, list(args), piece_static, config, pool)))
-                compiled_pieces.append(target)
-            else:
-                _call_directly(submod)
-            return outputs
-
+    compiled = 0
     mode = detect_fake_mode(example_inputs)
     with mode if mode is not None else torch.no_grad():
-        Compiler(split_gm).run(*example_inputs)
-    return len(compiled_pieces)
+        for node in split_gm.graph.find_nodes(op="call_module"):
+            submod = split_gm.get_submodule(node.target)
+            if any(_op_name(n.target) in splitting for n in submod.graph.nodes if n.op == "call_function"):
+                _call_directly(submod)
+                continue
+            placeholders = submod.graph.find_nodes(op="placeholder")
+            assert len(placeholders) == len(node.args), "split_module feeds every placeholder one argument"
+            values = [graph_inputs.get(a, (p.meta.get("val"), False)) for a, p in zip(node.args, placeholders)]
+            args, static = [v for v, _ in values], [s for _, s in values]
+            piece = inner_compile(submod, args, config.inner_compiler)
+            setattr(split_gm, node.target, _Piece(_wrap_graphs(piece, args, static, config, pool)))
+            compiled += 1
+    return compiled
 
 
 def _call_directly(submod: fx.GraphModule) -> None:

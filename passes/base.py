@@ -19,14 +19,18 @@ class PassContext:
     `static_inputs` maps a placeholder's name to the real tensor behind it when that input is a
     parameter or buffer of the compiled module (weights a pass may repack); activations are absent.
     Tensors a pass creates (packed weights) become new trailing graph inputs, `extra_inputs`,
-    which the compiled callable appends to every call.
+    which the compiled callable appends to every call. `extra_recipes` says, per extra input,
+    how to make it again from the graph's own inputs (for the compile cache): ``("pack", names)``
+    is `gemm_pack.pack_in_place` of the tensors behind those placeholders; None: it cannot be.
     """
 
     report: CompileReport
     static_inputs: dict[str, torch.Tensor] = field(default_factory=dict)
     extra_inputs: list[torch.Tensor] = field(default_factory=list)
+    extra_recipes: list[tuple[str, tuple[str, ...]] | None] = field(default_factory=list)
 
-    def add_input(self, graph: fx.Graph, tensor: torch.Tensor, like: torch.Tensor | None = None) -> fx.Node:
+    def add_input(self, graph: fx.Graph, tensor: torch.Tensor, like: torch.Tensor | None = None,
+                  recipe: tuple[str, tuple[str, ...]] | None = None) -> fx.Node:
         """A new placeholder fed with `tensor` at run time; its `val` is faked like `like`."""
         last = graph.find_nodes(op="placeholder")[-1]  # in graph order, without a walk of the graph
         with graph.inserting_after(last):
@@ -34,6 +38,7 @@ class PassContext:
         mode = getattr(like, "fake_mode", None)
         node.meta["val"] = mode.from_tensor(tensor, static_shapes=True) if mode is not None else tensor
         self.extra_inputs.append(tensor)
+        self.extra_recipes.append(recipe)
         self.static_inputs[node.name] = tensor
         return node
 

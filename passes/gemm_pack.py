@@ -74,11 +74,11 @@ class GemmPackPass(InferPass):
     def _pack(self, graph: fx.Graph, members: list[fx.Node]) -> None:
         has_bias = is_op(members[0], aten.addmm.default)
         weight_nodes = [m.args[-1].args[0] for m in members]
-        packed_w = self._packed_input(graph, [self._static(w) for w in weight_nodes], weight_nodes[0])
+        packed_w = self._packed_input(graph, weight_nodes, weight_nodes[0])
         x = members[0].args[-2]
         packed_b = None
         if has_bias:
-            packed_b = self._packed_input(graph, [self._static(m.args[0]) for m in members], weight_nodes[0])
+            packed_b = self._packed_input(graph, [m.args[0] for m in members], weight_nodes[0])
         with graph.inserting_before(members[0]):
             transposed = graph.call_function(aten.permute.default, (packed_w, [1, 0]))
             if has_bias:
@@ -100,8 +100,9 @@ class GemmPackPass(InferPass):
         kind = "qkv" if len(members) == 3 else "gate_up" if len(members) == 2 else "gemm_pack"
         self.context.report.count_fusion(kind)
 
-    def _packed_input(self, graph: fx.Graph, tensors: list[torch.Tensor], like: fx.Node) -> fx.Node:
-        return self.context.add_input(graph, pack_in_place(tensors), tensor_val(like))
+    def _packed_input(self, graph: fx.Graph, nodes: list[fx.Node], like: fx.Node) -> fx.Node:
+        packed = pack_in_place([self._static(n) for n in nodes])
+        return self.context.add_input(graph, packed, tensor_val(like), recipe=("pack", tuple(n.name for n in nodes)))
 
 
 def _canonical_input(x):

@@ -1,0 +1,330 @@
+"""Compile cache: a later process loads the transformed graph instead of running Dynamo, AOT and passes.
+
+What is saved is the ATen graph the passes produced (before the split), with each placeholder
+bound to where its value comes from at call time: a parameter or buffer of the module (by
+name), an argument of `forward`, a size of an argument, or a tensor to make again at load
+(a weight pack). Loading splits and inner-compiles that graph exactly as a cold compile does
+(`pipeline.compile_transformed`). Usage, around the first compiled call::
+
+    key = cache_key(model, options, extra=f"tp {rank}/{size}")
+    forward = lookup(directory, key, model)             # None: no entry, or one that is unusable
+    if forward is None:
+        compiled = torch.compile(model.forward, backend="infer", options=options)
+        with recording() as rec:
+            out = compiled(ids, positions)               # the first call compiles
+        store(directory, key, rec, model.forward, out)   # None (logged) if it cannot be cached
+
+Saved only when Dynamo made exactly one graph with no graph break, whose one output aliases no
+input and whose mutations all happen in the graph. The key covers everything the graph depends
+on that this module can see; `extra` must add the rest (tensor-parallel rank, ...).
+"""
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import dataclasses
+import functools
+import hashlib
+import inspect
+import json
+import logging
+import os
+import re
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any, Callable, Iterator, Sequence
+
+import torch
+from torch import fx
+
+from .config import CompilerConfig
+from .graph_io import Unsupported, dump_graph, load_graph
+from .inner import call_boxed
+
+logger = logging.getLogger("infer")
+
+FORMAT = 1
+_LOCAL = r"L\['([A-Za-z_]\w*)'\]"
+_MODULE_TENSOR = re.compile(rf"^{_LOCAL}((?:\._modules\['[^']+'\])*)\._(parameters|buffers)\['([^']+)'\]$")
+_ARGUMENT = re.compile(rf"^{_LOCAL}$")
+_SIZE = re.compile(rf"^{_LOCAL}\.size\(\)\[(\d+)\]$")
+_RECORDING: contextvars.ContextVar[Recording | None] = contextvars.ContextVar("infer_cache_recording", default=None)
+
+
+def cache_key(module: torch.nn.Module, options: dict | CompilerConfig | None, extra: str = "") -> str:
+    """sha256 of the versions, this package's source, the module's class, config and tensors, the options."""
+    import transformers
+
+    config = getattr(module, "config", None)
+    if hasattr(config, "to_dict"):
+        fields = {k: v for k, v in config.to_dict().items() if not k.startswith("_") and k != "transformers_version"}
+        config = json.dumps(fields, sort_keys=True, default=str)
+    parts = [f"format {FORMAT}", f"torch {torch.__version__}", f"transformers {transformers.__version__}",
+             f"python {sys.version_info[:2]}", f"source {source_digest()}",
+             f"module {type(module).__module__}.{type(module).__qualname__}", f"config {config!r}",
+             f"options {CompilerConfig.from_options(options).cache_key()}", f"extra {extra}"]
+    tensors = [*module.named_parameters(remove_duplicate=False), *module.named_buffers(remove_duplicate=False)]
+    parts += [f"{name} {tuple(t.shape)} {t.dtype} {t.device}" for name, t in tensors]
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()
+
+
+@functools.lru_cache(maxsize=None)
+def source_digest() -> str:
+    """sha256 over the package source a graph can depend on: compiler, passes, models, and the
+    runtime's ops, attention and distributed helpers. Kernels and the engine only run the graph."""
+    root = Path(__file__).resolve().parents[1]
+    digest = hashlib.sha256()
+    for path in sorted(p for folder in ("compiler", "passes", "models", "runtime") for p in (root / folder).rglob("*.py")):
+        if path.parent.name not in ("kernels", "engine"):
+            digest.update(str(path.relative_to(root)).encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()
+
+
+class Recording:
+    """What `backend="infer"` compiled while `recording()` was active: graphs and reasons not to cache."""
+
+    def __init__(self) -> None:
+        self.graphs: list[dict] = []
+        self.problems: list[str] = []
+        self.graph_breaks = _graph_breaks()
+
+    def recorder(self, gm: fx.GraphModule, example_inputs: Sequence, config: CompilerConfig,
+                 report) -> Callable[[fx.GraphModule, list], None]:
+        """Called by the pipeline with the Dynamo graph; returns what it calls after the passes."""
+        inputs = _dynamo_inputs(gm, example_inputs, self.problems)
+
+        def record(transformed: fx.GraphModule, recipes: list) -> None:
+            try:
+                self.graphs.append(_entry(transformed, inputs, recipes, config, report))
+            except Unsupported as e:
+                self.problems.append(str(e))
+        return record
+
+
+@contextlib.contextmanager
+def recording() -> Iterator[Recording]:
+    """Record every graph `backend="infer"` compiles in this context (for `store`)."""
+    rec = Recording()
+    token = _RECORDING.set(rec)
+    try:
+        yield rec
+    finally:
+        _RECORDING.reset(token)
+
+
+def current_recording() -> Recording | None:
+    return _RECORDING.get()
+
+
+def store(directory: str | os.PathLike, key: str, rec: Recording, forward: Callable, output: object) -> Path | None:
+    """Save the one graph `rec` holds for `key`; None (logged) when it cannot be cached.
+
+    `forward` is the function that was compiled (its parameters name the call's arguments) and
+    `output` what the recorded call returned (it must be the graph's one output, a tensor)."""
+    problems = list(rec.problems)
+    if _graph_breaks() != rec.graph_breaks:
+        problems.append("Dynamo broke the graph")
+    if len(rec.graphs) != 1:
+        problems.append(f"{len(rec.graphs)} graphs were compiled, not 1")
+    if not isinstance(output, torch.Tensor):
+        problems.append(f"the call returned a {type(output).__name__}, not a tensor")
+    args = [p.name for p in inspect.signature(forward).parameters.values()]
+    for b in rec.graphs[0]["inputs"] if len(rec.graphs) == 1 else []:
+        if b["kind"] in ("input", "size") and b["arg"] not in args:
+            problems.append(f"graph input from {b['arg']!r}, which is not a parameter of {forward!r}")
+    if problems:
+        logger.warning("compile cache: not storing %s: %s", key[:12], "; ".join(problems))
+        return None
+    path = _path(directory, key)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    data = dict(rec.graphs[0], format=FORMAT, key=key, args=args)
+    with tempfile.NamedTemporaryFile("w", dir=path.parent, suffix=".tmp", delete=False) as f:
+        try:
+            json.dump(data, f)
+        except BaseException:
+            os.unlink(f.name)
+            raise
+    os.replace(f.name, path)  # readers see the old file or the whole new one
+    logger.info("compile cache: stored %s", path)
+    return path
+
+
+def lookup(directory: str | os.PathLike, key: str, module: torch.nn.Module) -> CachedForward | None:
+    """The compiled forward saved for `key`, bound to `module`; None if absent or unusable (warned)."""
+    path = _path(directory, key)
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text())
+        if data.get("format") != FORMAT or data.get("key") != key:
+            raise ValueError(f"format {data.get('format')!r} / key do not match")
+        return _load(data, module)
+    except Exception as e:  # noqa: BLE001 - a corrupt or stale entry is a miss, never an error
+        logger.warning("compile cache: ignoring %s (%s: %s)", path, type(e).__name__, e)
+        return None
+
+
+class CachedForward:
+    """Calls a loaded graph the way the compiled `forward` it was saved from is called."""
+
+    def __init__(self, compiled: Callable, feeds: list[tuple], args: list[str], checks: dict, report) -> None:
+        self.compiled = compiled
+        self.feeds = feeds  # per graph input: ("tensor", dict, key) / ("arg", i, None) / ("size", i, dim)
+        self.args = args
+        self.checks = checks  # argument index -> (dtype, sizes with None where dynamic, device type)
+        self.report = report
+
+    def __call__(self, *args):
+        if len(args) != len(self.args):
+            raise TypeError(f"expected {len(self.args)} arguments ({', '.join(self.args)}), got {len(args)}")
+        for i, (dtype, shape, device) in self.checks.items():
+            a = args[i]
+            if not isinstance(a, torch.Tensor) or a.dtype != dtype or a.device.type != device or a.dim() != len(shape) \
+                    or any(n is not None and n != d for n, d in zip(shape, a.shape)):
+                sizes = ", ".join("any" if n is None else str(n) for n in shape)
+                raise ValueError(f"argument {self.args[i]!r} must be a [{sizes}] {dtype} tensor on {device} "
+                                 f"(as when it was compiled), got {_describe(a)}")
+        flat = [_feed(f, args) for f in self.feeds]
+        if torch.is_grad_enabled():
+            with torch.no_grad():
+                return call_boxed(self.compiled, flat)[0]
+        return call_boxed(self.compiled, flat)[0]
+
+
+def _feed(feed: tuple, args: tuple) -> object:
+    kind, where, which = feed
+    if kind == "tensor":
+        return where[which]  # the module's _parameters / _buffers now: rebinding a buffer is seen
+    return args[where] if kind == "arg" else args[where].shape[which]
+
+
+def _entry(gm: fx.GraphModule, inputs: list[dict] | None, recipes: list, config: CompilerConfig, report) -> dict:
+    """The saved form of one transformed graph (raises Unsupported)."""
+    _check_aot_metadata()
+    placeholders = gm.graph.find_nodes(op="placeholder")
+    if inputs is None or len(placeholders) != len(inputs) + len(recipes):
+        raise Unsupported("the graph's inputs do not line up with Dynamo's")
+    bindings = list(inputs)
+    names = {p.name: i for i, p in enumerate(placeholders)}
+    for recipe in recipes:
+        if recipe is None or recipe[0] != "pack" or any(inputs[names[n]]["kind"] != "tensor" for n in recipe[1]):
+            raise Unsupported(f"a pass made an input the cache cannot make again: {recipe}")
+        bindings.append({"kind": "pack", "of": [names[n] for n in recipe[1]]})
+    options = {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(config).items()}
+    return {"graph": dump_graph(gm.graph), "inputs": bindings, "config": options,
+            "report": {"passes": dict(report.passes), "fusions": dict(report.fusions),
+                       "nodes_before": report.nodes_before}}
+
+
+def _dynamo_inputs(gm: fx.GraphModule, example_inputs: Sequence, problems: list[str]) -> list[dict] | None:
+    """Where each Dynamo graph input comes from, by its guard source; None (with a problem) if unknown."""
+    from torch.fx.experimental.symbolic_shapes import free_symbols, free_unbacked_symbols
+
+    out = []
+    for node, real in zip(gm.graph.find_nodes(op="placeholder"), example_inputs):
+        value = node.meta.get("example_value", real)  # the fake one, with symbolic sizes
+        source = getattr(node.meta.get("grapharg"), "source", None)
+        name = source.name() if callable(getattr(source, "name", None)) else getattr(source, "name", None)
+        if free_symbols(value) != free_unbacked_symbols(value):
+            problems.append(f"{name} has backed dynamic sizes, whose guards the cache does not check")
+            return None
+        if (m := _MODULE_TENSOR.match(name or "")) and m.group(1) == "self":
+            path = ".".join(re.findall(r"\['([^']+)'\]", m.group(2)))
+            out.append({"kind": "tensor", "path": path, "dict": f"_{m.group(3)}", "name": m.group(4),
+                        "shape": list(value.shape), "dtype": str(value.dtype), "device": str(value.device)})
+        elif m := _ARGUMENT.match(name or ""):
+            if not isinstance(value, torch.Tensor):
+                problems.append(f"argument {name} is not a tensor")
+                return None
+            out.append({"kind": "input", "arg": m.group(1), "dtype": str(value.dtype), "device": value.device.type,
+                        "shape": [d if isinstance(d, int) else None for d in value.shape]})
+        elif m := _SIZE.match(name or ""):
+            out.append({"kind": "size", "arg": m.group(1), "dim": int(m.group(2))})
+        else:
+            problems.append(f"graph input {node.name} comes from {name!r}")
+            return None
+    return out
+
+
+def _check_aot_metadata() -> None:
+    from torch._functorch._aot_autograd.schemas import MutationType, OutputType, SubclassCreationMeta
+
+    context = torch._guards.TracingContext.try_get()
+    meta = getattr(context, "fw_metadata", None)
+    if meta is None:
+        raise Unsupported("no AOT metadata for the graph")
+    if len(meta.output_info) != 1 or meta.output_info[0].output_type != OutputType.non_alias:
+        raise Unsupported("the graph does not return exactly one fresh tensor")
+    if any(i.mutation_type not in (MutationType.NOT_MUTATED, MutationType.MUTATED_IN_GRAPH) for i in meta.input_info):
+        raise Unsupported("an input mutation happens outside the graph")
+    if meta.tokens or meta.num_intermediate_bases or any(
+            isinstance(m, SubclassCreationMeta) for m in meta.subclass_inp_meta):
+        raise Unsupported("the graph uses effect tokens, intermediate bases or tensor subclasses")
+
+
+def _load(data: dict, module: torch.nn.Module) -> CachedForward:
+    from .pipeline import compile_transformed
+    from .report import REPORTS, CompileReport
+    from .split import piece_inputs
+
+    config = CompilerConfig.from_options(data["config"])
+    eager = config.inner_compiler == "eager"  # Inductor reads every node's value, eager only the pieces' inputs
+    graph = load_graph(data["graph"], (lambda g: piece_inputs(g, config)) if eager else None)
+    placeholders = graph.find_nodes(op="placeholder")
+    if len(data["inputs"]) != len(placeholders):
+        raise ValueError(f"{len(data['inputs'])} input bindings for {len(placeholders)} graph inputs")
+    feeds, constants, checks = _bind(data["inputs"], data["args"], module)
+    report = CompileReport(inner_compiler=config.inner_compiler, cudagraph_mode=config.cudagraph_mode, cached=True,
+                           passes=data["report"]["passes"], fusions=data["report"]["fusions"],
+                           nodes_before=data["report"]["nodes_before"], nodes_after=len(graph.nodes))
+    frames_before = REPORTS.frames_compiled()
+    gm = fx.GraphModule(torch.nn.Module(), graph)
+    is_static = [b["kind"] in ("tensor", "pack") for b in data["inputs"]]
+    compiled = compile_transformed(gm, [p.meta["val"] for p in placeholders], is_static, constants, config, report)
+    report.time_total_s = report.time_inner_s
+    REPORTS.publish(report, frames_before)
+    return CachedForward(compiled, feeds, data["args"], checks, report)
+
+
+def _bind(bindings: list[dict], args: list[str], module: torch.nn.Module) -> tuple[list, list, dict]:
+    """(feeds, constants, checks) for `CachedForward`: module tensors are checked against the entry,
+    weight packs made again (the module's weights become views of them, as in a cold compile)."""
+    from ..passes.gemm_pack import pack_in_place
+
+    feeds, constants, tensors, checks = [], [], {}, {}
+    for i, b in enumerate(bindings):
+        if b["kind"] == "tensor":
+            owner = getattr(module.get_submodule(b["path"]), b["dict"])
+            t = tensors[i] = owner[b["name"]]
+            if [list(t.shape), str(t.dtype), str(t.device)] != [b["shape"], b["dtype"], b["device"]]:
+                raise ValueError(f"{b['path']}.{b['name']} is {tuple(t.shape)} {t.dtype} on {t.device}, "
+                                 f"the entry has {tuple(b['shape'])} {b['dtype']} on {b['device']}")
+            feeds.append(("tensor", owner, b["name"]))
+        elif b["kind"] == "pack":
+            constants.append(pack_in_place([tensors[j] for j in b["of"]]))
+        elif constants:
+            raise ValueError("a call argument follows the packed weights")
+        elif b["kind"] == "input":
+            feeds.append(("arg", args.index(b["arg"]), None))
+            checks[args.index(b["arg"])] = (getattr(torch, b["dtype"].removeprefix("torch.")), b["shape"], b["device"])
+        else:
+            feeds.append(("size", args.index(b["arg"]), b["dim"]))
+    return feeds, constants, checks
+
+
+def _path(directory: str | os.PathLike, key: str) -> Path:
+    if not re.fullmatch(r"[0-9a-f]{64}", key):
+        raise ValueError(f"cache key must be a sha256 hex digest (see cache_key), got {key!r}")
+    return Path(directory) / f"{key}.json"
+
+
+def _graph_breaks() -> int:
+    from torch._dynamo.utils import counters
+    return sum(counters["graph_break"].values())
+
+
+def _describe(a: object) -> str:
+    if isinstance(a, torch.Tensor):
+        return f"a {list(a.shape)} {a.dtype} tensor on {a.device.type}"
+    return f"a {type(a).__name__}"
