@@ -1,8 +1,8 @@
 """Decode step time per (shape, batch, context, mode), against the floor and the Hugging Face paths.
 
 A step decodes one token for each of ``batch`` sequences that already hold ``context`` tokens,
-LM head included (our model: compiled ``forward`` then the eager ``compute_logits``, as the engine
-runs it). Our modes go through ``decode_step.time_mode`` (a fresh compile per row, CUDA graphs
+LM head included. Our ``full-*`` modes capture compiled ``forward`` + ``compute_logits`` in one CUDA
+graph and replay it, as the engine's ModelRunner does; piecewise modes run the LM head eager. Our modes go through ``decode_step.time_mode`` (a fresh compile per row, CUDA graphs
 captured for exactly ``batch``); the HF modes through :mod:`.hf_baselines`. Reported: median ms,
 tokens/s, achieved GB/s (floor bytes / time) and the ratio to the floor.
 """
@@ -57,8 +57,8 @@ def run(settings: Settings, copy_gbps: float | None = None) -> Table:
     if unknown:
         raise ValueError(f"unknown decode modes {unknown}; known: {list(ALL_MODES)}")
     table.meta.update(copy_gbps=copy_gbps, steps=settings.steps, block_size=BLOCK)
-    table.note("ours: compiled forward + eager LM head, fresh compile per row, CUDA graphs for exactly `batch`; "
-               "x floor = ms / floor ms; GB/s = floor bytes / time")
+    table.note("ours: fresh compile per row, CUDA graphs for exactly `batch`; full-* modes: forward + LM head in "
+               "one engine-style graph, piecewise: LM head eager; x floor = ms / floor ms; GB/s = floor bytes / time")
     for shape in settings.shapes:
         cfg = qwen3_config(shape)
         ours = [m for m in modes if m in MODES]

@@ -10,6 +10,11 @@ the sampler and ``postprocess()``. The sampler is GPU work in the engine, so it 
 once at the real vocabulary (``--sample-steps`` steps, CPU kernels dominate) and once at a vocabulary
 of 16 (every step), where what is left is its Python and dispatch overhead. No sequence finishes
 inside the timed steps (outputs are at least 100 tokens), so the batch stays at ``--seqs``.
+
+A second table times the same workload, freshly prefilled, with async scheduling: each step is
+built by ``schedule_ahead()`` while the step before is in flight, prepared without its ids (the
+runner copies them on the device, here a CPU tensor copy), and the step before is postprocessed
+after that. On CUDA all of this overlaps the running step's device work.
 """
 from __future__ import annotations
 
@@ -38,6 +43,8 @@ BLOCK_SIZE = 16
 MAX_MODEL_LEN = 4096
 MAX_BATCHED_TOKENS = 16384
 PHASES = ("schedule", "prepare", "postprocess", "sample_host", "sample_full")
+HOST_PHASES = ("schedule", "prepare", "postprocess", "sample_host")
+AHEAD_PHASES = ("schedule_ahead", "prepare_ahead", "postprocess")
 
 
 def build_scheduler(num_seqs: int, num_blocks: int, seed: int) -> Scheduler:
@@ -108,10 +115,37 @@ def decode_steps(sched: Scheduler, steps: int, sample_steps: int, gen: torch.Gen
     return times
 
 
-def summarize(times: dict[str, list[float]]) -> list[dict[str, float | str]]:
+def ahead_steps(sched: Scheduler, steps: int, gen: torch.Generator) -> dict[str, list[float]]:
+    """Seconds per host phase of each decode step scheduled ahead (async scheduling)."""
+    n = len(sched.running)
+    size = default_capture_sizes(n)[-1]
+    buffers = DecodeBuffers.allocate(size, -(-MAX_MODEL_LEN // BLOCK_SIZE), MAX_MODEL_LEN, "cpu")
+    prev = sched.schedule()
+    sampled = fake_tokens(prev, gen)  # the step in flight's tokens, "on the device"
+    times: dict[str, list[float]] = {phase: [] for phase in AHEAD_PHASES}
+    for step in range(steps + 1):  # step 0 warms up
+        batch, t_schedule = timed(lambda: sched.schedule_ahead(prev))
+        if batch is None or len(batch.entries) != n:
+            raise RuntimeError(f"step {step}: expected a decode batch of {n} scheduled ahead, got {batch}")
+
+        def prepare() -> None:
+            fill_decode_buffers(buffers, batch.entries, BLOCK_SIZE, with_ids=False)
+            buffers.input_ids[:n].copy_(sampled)
+
+        _, t_prepare = timed(prepare)
+        _, t_post = timed(lambda: sched.postprocess(prev, sampled))
+        prev, sampled = batch, fake_tokens(batch, gen)
+        if step:
+            for phase, t in zip(AHEAD_PHASES, (t_schedule, t_prepare, t_post)):
+                times[phase].append(t)
+    return times
+
+
+def summarize(times: dict[str, list[float]],
+              host_phases: tuple[str, ...] = HOST_PHASES) -> list[dict[str, float | str]]:
     rows = [{"phase": phase, "median_us": statistics.median(ts) * 1e6, "mean_us": statistics.fmean(ts) * 1e6,
              "steps": len(ts)} for phase, ts in times.items() if ts]
-    host = [p for p in ("schedule", "prepare", "postprocess", "sample_host") if times[p]]
+    host = [p for p in host_phases if times[p]]
     per_step = [sum(times[p][i] for p in host) for i in range(len(times[host[0]]))]
     rows.append({"phase": "host total (" + ", ".join(host) + ")", "median_us": statistics.median(per_step) * 1e6,
                  "mean_us": statistics.fmean(per_step) * 1e6, "steps": len(per_step)})
@@ -135,15 +169,25 @@ def main() -> None:
     sched = build_scheduler(args.seqs, args.num_blocks, args.seed)
     prefill_steps = prefill(sched, gen)
     rows = summarize(decode_steps(sched, args.steps, min(args.sample_steps, args.steps), gen))
+    sched = build_scheduler(args.seqs, args.num_blocks, args.seed)
+    prefill(sched, gen)
+    ahead_rows = summarize(ahead_steps(sched, args.steps, gen), AHEAD_PHASES)
     print(f"{args.seqs} sequences, {prefill_steps} prefill steps, {args.steps} timed decode steps, "
           f"{torch.get_num_threads()} CPU threads")
+    print_table(rows)
+    print("\nasync scheduling (all of it overlaps the device's step on CUDA; sampling as above):")
+    print_table(ahead_rows)
+    if args.out is not None:
+        result = {"seqs": args.seqs, "steps": args.steps, "rows": rows, "ahead_rows": ahead_rows}
+        args.out.write_text(json.dumps(result, indent=1))
+
+
+def print_table(rows: list[dict[str, float | str]]) -> None:
     width = max(len(row["phase"]) for row in rows)
     print(f"| {'phase':<{width}} | {'median us':>10} | {'mean us':>10} | {'steps':>5} |")
     print(f"|{'-' * (width + 2)}|{'-' * 12}|{'-' * 12}|{'-' * 7}|")
     for row in rows:
         print(f"| {row['phase']:<{width}} | {row['median_us']:>10.1f} | {row['mean_us']:>10.1f} | {row['steps']:>5} |")
-    if args.out is not None:
-        args.out.write_text(json.dumps({"seqs": args.seqs, "steps": args.steps, "rows": rows}, indent=1))
 
 
 if __name__ == "__main__":

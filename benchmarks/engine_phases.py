@@ -81,8 +81,9 @@ def main() -> None:
         phases = Phases()
         runner = llm.runner
         phases.wrap(llm.scheduler, "schedule", lambda: "schedule")
+        phases.wrap(llm.scheduler, "schedule_ahead", lambda prev: "schedule")
         phases.wrap(llm.scheduler, "postprocess", lambda *a: "postprocess")
-        phases.wrap(runner, "prepare", lambda batch: "prepare " + ("prefill" if batch.is_prefill else "decode"))
+        phases.wrap(runner, "prepare", lambda batch, *a: "prepare " + ("prefill" if batch.is_prefill else "decode"))
         phases.wrap(runner, "forward", _forward_phase(runner))
         phases.wrap(runner.model, "compute_logits", lambda hidden: "lm head")
         phases.wrap(mr, "sample", lambda logits, *a: "sample")

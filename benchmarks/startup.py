@@ -1,7 +1,8 @@
 """Startup: from ``LLM(...)`` to the first generated token, cold and warm compile caches, per mode.
 
 Each measurement is a fresh process (``python -m infer.benchmarks.startup --child ...``) with
-``TORCHINDUCTOR_CACHE_DIR`` and ``TRITON_CACHE_DIR`` under a new temporary folder per mode:
+``TORCHINDUCTOR_CACHE_DIR``, ``TRITON_CACHE_DIR`` and the engine's own compile cache
+(``INFER_COMPILE_CACHE_DIR``) under a new temporary folder per mode:
 "cold" is the first process on the empty folder, "warm" the second on the same folder. The
 child times ``LLM(...)`` and a first ``generate`` of one token, and splits the time with:
 
@@ -119,7 +120,8 @@ def _dynamo_frames_s() -> float | None:
 def spawn(model: Path, llm_kwargs: dict, cache_root: Path, settings: Settings, log: Path | None) -> dict[str, Any]:
     """Run one child with its compile caches under ``cache_root``; returns its result dict."""
     env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=str(cache_root / "inductor"),
-               TRITON_CACHE_DIR=str(cache_root / "triton"), PYTHONUNBUFFERED="1")
+               TRITON_CACHE_DIR=str(cache_root / "triton"), INFER_COMPILE_CACHE_DIR=str(cache_root / "infer"),
+               PYTHONUNBUFFERED="1")
     cmd = [sys.executable, "-m", "infer.benchmarks.startup", "--child", "--model", str(model),
            "--llm-kwargs", json.dumps(llm_kwargs), "--device", settings.device,
            "--max-model-len", str(4096 if settings.cuda else 256), "--spawned-at", repr(time.time())]

@@ -6,6 +6,9 @@ import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+# The engine's compile cache stays off unless a test turns it on (compile_cache_dir=...), so that
+# tests counting compilations do not depend on which engines earlier tests built.
+os.environ.setdefault("INFER_COMPILE_CACHE_DIR", "")
 
 sys.path.insert(0, os.path.dirname(__file__))  # shared helpers such as tiny_hf
 

@@ -136,12 +136,17 @@ class BlockManager:
             raise ValueError(f"sequence {seq.request_id!r} needs {missing} more blocks, {len(self.free)} free")
         seq.block_table.extend(self._take_free() for _ in range(missing))
 
-    def may_append_all(self, seqs: list[Sequence]) -> bool:
+    def may_append_all(self, seqs: list[Sequence], num_pending: int = 0) -> bool:
         """:meth:`may_append` for every sequence when the blocks suffice for all of them at once;
-        otherwise change nothing and return False (the caller then decides whom to preempt)."""
+        otherwise change nothing and return False (the caller then decides whom to preempt).
+
+        ``num_pending``: tokens each sequence holds beyond ``seq.token_ids`` (sampled on the
+        device, not known yet): 1 for a step scheduled ahead.
+        """
         bs = self.block_size
-        growing = [seq for seq in seqs if len(seq.token_ids) > len(seq.block_table) * bs]
-        missing = [self.num_blocks_needed(len(seq.token_ids)) - len(seq.block_table) for seq in growing]
+        growing = [seq for seq in seqs if len(seq.token_ids) + num_pending > len(seq.block_table) * bs]
+        missing = [self.num_blocks_needed(len(seq.token_ids) + num_pending) - len(seq.block_table)
+                   for seq in growing]
         if sum(missing) > len(self.free):
             return False
         for seq, n in zip(growing, missing):
@@ -159,7 +164,10 @@ class BlockManager:
         """Register the blocks filled by a step that computed positions ``start..num_computed``.
 
         Call after ``seq.num_computed_tokens`` was advanced; every block before ``start``'s block
-        must already be full and registered (true for the scheduler's order of calls).
+        must already be full and registered (true for the scheduler's order of calls). A block's
+        hash covers its token ids, so all of them must be in ``seq.token_ids``: with async
+        scheduling a step's input id is sampled on the device, and the step is committed only
+        after that id was appended (by the previous step's postprocess).
         """
         bs = self.block_size
         for i in range(start // bs, seq.num_computed_tokens // bs):
@@ -169,6 +177,7 @@ class BlockManager:
             prev = self.blocks[seq.block_table[i - 1]].hash if i > 0 else NO_HASH
             assert prev is not None, "blocks must be committed in order"
             block.token_ids = tuple(seq.token_ids[i * bs:(i + 1) * bs])
+            assert len(block.token_ids) == bs, f"block {i} of {seq!r} is hashed before its tokens are known"
             block.hash = self.block_hash(prev, block.token_ids)
             self.hash_to_block[block.hash] = block.block_id  # newest copy: it is in use
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -51,6 +52,13 @@ class EngineConfig:
         enforce_eager: never pad decode batches for (or capture) CUDA graphs.
         cudagraph_capture_sizes: decode token counts to pad to when CUDA graphs are on; empty
             means :func:`default_capture_sizes` of ``max_num_seqs``.
+        async_scheduling: schedule and prepare each decode step while the device still runs the
+            one before (see :mod:`.engine_loop`); same outputs as without. It takes effect where
+            decode steps replay full CUDA graphs (CUDA, compiled, ``cudagraph_mode="full"``, the
+            default), and changes nothing elsewhere.
+        compile_cache_dir: where compiled graphs are saved and reloaded across processes
+            (:mod:`infer.compiler.cache`): ``None`` takes ``$INFER_COMPILE_CACHE_DIR`` or
+            ``~/.cache/infer/compile``; ``""`` turns the cache off.
     """
 
     model: str
@@ -69,6 +77,8 @@ class EngineConfig:
     compile_options: tuple[tuple[str, Any], ...] = ()
     enforce_eager: bool = False
     cudagraph_capture_sizes: tuple[int, ...] = ()
+    async_scheduling: bool = True
+    compile_cache_dir: str | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "model", str(self.model))
@@ -101,7 +111,7 @@ class EngineConfig:
                              f"max_num_seqs={self.max_num_seqs}")
         if not 0.0 < self.gpu_memory_utilization <= 1.0:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization!r}")
-        for name in ("enable_prefix_caching", "enable_chunked_prefill", "compile", "enforce_eager"):
+        for name in ("enable_prefix_caching", "enable_chunked_prefill", "compile", "enforce_eager", "async_scheduling"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
         sizes = self.cudagraph_capture_sizes
@@ -116,6 +126,16 @@ class EngineConfig:
     def use_cudagraphs(self) -> bool:
         """Whether steps replay CUDA graphs: CUDA, compiled, and not ``enforce_eager``."""
         return self.device_type == "cuda" and self.compile and not self.enforce_eager
+
+    @property
+    def resolved_compile_cache_dir(self) -> str | None:
+        """The compile cache folder, or None when the cache is off (or nothing is compiled)."""
+        if not self.compile or self.compile_cache_dir == "":
+            return None
+        if self.compile_cache_dir is not None:
+            return self.compile_cache_dir
+        default = os.path.join(os.path.expanduser("~"), ".cache", "infer", "compile")
+        return os.environ.get("INFER_COMPILE_CACHE_DIR", default) or None
 
     @property
     def compile_options_dict(self) -> dict[str, Any]:

@@ -124,17 +124,22 @@ class DecodeBuffers:
     def size(self) -> int:
         return self.input_ids.shape[0]
 
-    def fill(self, ids: list[int], positions: list[int], tables: list[list[int]], block_size: int) -> None:
-        """Write one decode step (token `positions[i]` of sequence `i`); rows past `len(ids)` are
-        dummy sequences of length 0 whose slot is -1 (they write nothing and read nothing)."""
-        n, size = len(ids), self.size
-        if n > size or len(positions) != n or len(tables) != n:
+    def fill(self, ids: list[int] | None, positions: list[int], tables: list[list[int]], block_size: int) -> None:
+        """Write one decode step (token `positions[i]` of sequence `i`); rows past `len(positions)`
+        are dummy sequences of length 0 whose slot is -1 (they write nothing and read nothing).
+
+        ``ids=None``: the ids are on the device only (sampled by the step before); the caller
+        writes ``input_ids[:n]`` after this call, in stream order (the copy here writes stale ids).
+        """
+        n, size = len(positions), self.size
+        if n > size or (ids is not None and len(ids) != n) or len(tables) != n:
             raise ValueError(f"need at most {size} ids with one position and one block table each, got "
-                             f"{n} ids, {len(positions)} positions, {len(tables)} tables")
+                             f"{'no' if ids is None else len(ids)} ids, {n} positions, {len(tables)} tables")
         host = self.host
         host.wait()
         values, seq_lens = host.values_np, host.seq_lens_np
-        values[0, :n] = ids
+        if ids is not None:
+            values[0, :n] = ids
         values[1, :n] = positions
         lo, hi = host.stage_tables(tables)
         pos = values[1, :n]
@@ -160,7 +165,7 @@ class DecodeBuffers:
         if hi > lo:
             md.block_tables[lo:hi].copy_(host.tables[lo:hi], non_blocking=True)
         if host.copied is not None:
-            host.copied.record()
+            host.copied.record(torch.cuda.current_stream(self.input_ids.device))
 
     def clear(self) -> None:
         """All rows dummy (used for warm-up and capture)."""

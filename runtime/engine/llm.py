@@ -5,7 +5,7 @@ import dataclasses
 import itertools
 import json
 import logging
-from collections.abc import Iterator, Sequence as SequenceABC
+from collections.abc import Sequence as SequenceABC
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Union
@@ -16,6 +16,7 @@ from tqdm.auto import tqdm
 from ...models.loader import load_model
 from .block_manager import BlockManager
 from .config import EngineConfig
+from .engine_loop import EngineLoop
 from .kv_cache import init_kv_cache
 from .model_runner import ModelRunner
 from .sampling import SamplingParams
@@ -84,7 +85,8 @@ class LLM:
         enable_prefix_caching: reuse KV blocks of shared prompt prefixes.
         compile_options: options of the ``infer`` backend, e.g. ``{"inner_compiler": "eager"}``.
         **kwargs: further :class:`EngineConfig` fields (``max_num_batched_tokens``,
-            ``cpu_kv_cache_bytes``, ``enable_chunked_prefill``, ``enforce_eager``, ...).
+            ``cpu_kv_cache_bytes``, ``enable_chunked_prefill``, ``enforce_eager``,
+            ``async_scheduling``, ...).
     """
 
     def __init__(self, model: str | Path | None = None, tensor_parallel_size: int = 1, dtype: str = "auto",
@@ -124,9 +126,11 @@ class LLM:
             max_num_seqs=self.config.max_num_seqs, max_num_batched_tokens=self.config.max_num_batched_tokens,
             max_model_len=self.config.max_model_len, enable_chunked_prefill=self.config.enable_chunked_prefill)
         self.scheduler = Scheduler(scheduler_config, self.block_manager, self.eos_token_ids)
+        self.engine_loop = EngineLoop(self.scheduler, self.runner, self.config.async_scheduling)
         self._request_ids = itertools.count()
-        logger.info("LLM ready: %s on %s, max_model_len=%d, %d KV blocks, compile=%s", config.model,
-                    config.device, self.config.max_model_len, self.num_blocks, config.compile)
+        logger.info("LLM ready: %s on %s, max_model_len=%d, %d KV blocks, compile=%s, async scheduling=%s",
+                    config.model, config.device, self.config.max_model_len, self.num_blocks, config.compile,
+                    self.config.async_scheduling and self.runner.full_graph)
 
     @torch.inference_mode()
     def generate(self, prompts: Prompt | SequenceABC[Prompt],
@@ -156,39 +160,13 @@ class LLM:
             self.scheduler.add(seq)
         with tqdm(total=len(items), disable=not use_tqdm, desc="generate", unit="req") as bar:
             bar.update(len(items) - len(pending))
-            for seq in self._run_to_completion():
+            for seq in self.engine_loop.run():
                 if seq.request_id not in pending:
                     continue  # left over from a generate call that raised
                 index, text = pending.pop(seq.request_id)
                 outputs[index] = self._output(text, seq)
                 bar.update(1)
         return outputs  # type: ignore[return-value]
-
-    def _run_to_completion(self) -> Iterator[Sequence]:
-        """Schedule, run and postprocess until every queued sequence finished; yields them."""
-        try:
-            while True:
-                batch = self.scheduler.schedule()
-                yield from batch.finished
-                if batch.is_empty:
-                    if self.scheduler.is_finished():
-                        return
-                    if not batch.finished:
-                        raise RuntimeError(f"the scheduler made no progress: {len(self.scheduler.waiting)} "
-                                           f"waiting, {len(self.scheduler.running)} running")
-                    continue
-                tokens = self.runner.run(batch)
-                yield from self.scheduler.postprocess(batch, tokens)
-        except BaseException:
-            self._abort_all()
-            raise
-
-    def _abort_all(self) -> None:
-        """Drop every queued sequence (after an exception) so the next generate starts clean."""
-        for seq in list(self.scheduler.running):
-            self.block_manager.deallocate(seq)
-        self.scheduler.running.clear()
-        self.scheduler.waiting.clear()
 
     def _prompt_list(self, prompts: Any) -> list[Prompt]:
         if isinstance(prompts, str):

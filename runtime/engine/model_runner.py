@@ -4,7 +4,6 @@ from __future__ import annotations
 import bisect
 import logging
 import time
-from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
@@ -17,6 +16,7 @@ from .kv_cache import attention_layers, bind_kv_cache, release_kv_cache
 from .sampler import sample
 from .sampling import SamplingParams
 from .scheduler import ScheduledBatch, ScheduledSeq
+from .step import LaunchedStep, PendingStep, StepGraph, StepInputs
 
 logger = logging.getLogger(__name__)
 
@@ -28,51 +28,19 @@ def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
-def fill_decode_buffers(buffers: DecodeBuffers, entries: list[ScheduledSeq], block_size: int) -> None:
-    """Write a decode batch (one new token per entry) into the static buffers of its padded size."""
+def fill_decode_buffers(buffers: DecodeBuffers, entries: list[ScheduledSeq], block_size: int,
+                        with_ids: bool = True) -> None:
+    """Write a decode batch (one new token per entry) into the static buffers of its padded size;
+    ``with_ids=False``: the ids are not on the host yet (a step scheduled ahead)."""
     positions = [e.start for e in entries]
-    ids = [e.seq.token_ids[p] for e, p in zip(entries, positions)]
+    ids = [e.seq.token_ids[p] for e, p in zip(entries, positions)] if with_ids else None
     buffers.fill(ids, positions, [e.seq.block_table for e in entries], block_size)
 
 
-@dataclass(frozen=True, slots=True)
-class StepInputs:
-    """Device inputs of one forward step.
-
-    Attributes:
-        input_ids: ``[T_pad] int64`` new tokens of every entry, then padding.
-        positions: ``[T_pad] int64`` their positions.
-        metadata: paged-attention metadata (padding tokens have slot -1).
-        logits_indices: ``[N] int64`` rows of the hidden states that sample (last token of each
-            sampling entry, in entry order).
-        num_tokens: real (unpadded) token count.
-        graph_size: the captured decode graph these (static) inputs feed, if any.
-    """
-
-    input_ids: Tensor
-    positions: Tensor
-    metadata: AttentionMetadata
-    logits_indices: Tensor
-    num_tokens: int
-    graph_size: int | None = None
-
-
-class StepGraph:
-    """One captured step: a CUDA graph and the static tensor its replay writes the result to."""
-
-    def __init__(self, step, pool) -> None:
-        """Capture ``step()`` (warmed up already: nothing may compile or allocate lazily in it)."""
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph, pool=pool):
-            self.output = step()
-
-    def replay(self) -> Tensor:
-        self.graph.replay()
-        return self.output
-
-
 class ModelRunner:
-    """Holds the model (compiled or not) and turns a :class:`ScheduledBatch` into sampled tokens.
+    """Holds the model (compiled or not) and turns a :class:`ScheduledBatch` into sampled tokens:
+    :meth:`run` waits for them; :meth:`launch` then :meth:`sample_async` leave them on the device
+    with a copy to the host under way (async scheduling, see :mod:`.engine_loop`).
 
     A decode batch runs at :meth:`_padded_size` tokens: the next CUDA-graph capture size when
     CUDA graphs are on, else its own size. The model's KV caches must already be bound.
@@ -98,6 +66,9 @@ class ModelRunner:
             options = dict(options, cudagraph_mode="none")
         if config.compile:
             self._forward = torch.compile(model.forward, backend="infer", options=options)
+        self._compile_options = options
+        self._cache_dir = config.resolved_compile_cache_dir
+        self._cache_pending = config.compile and self._cache_dir is not None
         self.decode_buffers: dict[int, DecodeBuffers] = {}
         self.decode_graphs: dict[int, StepGraph] = {}
 
@@ -116,22 +87,40 @@ class ModelRunner:
                 size, self.max_blocks_per_seq, self.config.max_model_len, self.device)
         return self.decode_buffers[size]
 
-    def _prepare_full_graph_decode(self, batch: ScheduledBatch) -> StepInputs | None:
+    def supports_async(self, batch: ScheduledBatch) -> bool:
+        """Whether ``batch`` may run ahead of the host (async scheduling): a decode step on the
+        static buffers of a capture size, whose input ids can be written on the device."""
+        return (self.full_graph and not batch.is_prefill
+                and self._padded_size(len(batch.entries)) in self.capture_sizes)
+
+    def _prepare_full_graph_decode(self, batch: ScheduledBatch, input_tokens: Tensor | None) -> StepInputs | None:
         """A decode step on the static buffers of its padded size (None: not a full-graph step)."""
         n = len(batch.entries)
         size = self._padded_size(n)
         if batch.is_prefill or size not in self.capture_sizes:
             return None
         buffers = self._buffers(size)
-        fill_decode_buffers(buffers, batch.entries, self.block_size)
+        ahead = batch.input_rows is not None
+        fill_decode_buffers(buffers, batch.entries, self.block_size, with_ids=not ahead)
+        if ahead:  # the ids were sampled by the step before, still running: copy them in stream order
+            buffers.input_ids[:n].copy_(input_tokens[self._rows(batch.input_rows)])  # [n]
         return StepInputs(buffers.input_ids, buffers.positions, buffers.metadata, buffers.rows[:n], n, size)
 
-    def prepare(self, batch: ScheduledBatch) -> StepInputs:
-        """Flatten the batch: ids and positions ``start..end-1`` per entry, metadata, logits rows."""
+    def prepare(self, batch: ScheduledBatch, input_tokens: Tensor | None = None) -> StepInputs:
+        """Flatten the batch: ids and positions ``start..end-1`` per entry, metadata, logits rows.
+
+        ``input_tokens``: for a batch scheduled ahead (``batch.input_rows``), the previous step's
+        sampled ids on the device.
+        """
+        if (batch.input_rows is not None) != (input_tokens is not None):
+            raise ValueError("input_tokens must be given exactly for a batch scheduled ahead (batch.input_rows)")
         if self.full_graph:
-            inputs = self._prepare_full_graph_decode(batch)
+            inputs = self._prepare_full_graph_decode(batch, input_tokens)
             if inputs is not None:
                 return inputs
+        if input_tokens is not None:
+            raise ValueError(f"a batch scheduled ahead must run on captured decode buffers; "
+                             f"{len(batch.entries)} entries have no capture size in {self.capture_sizes}")
         ids: list[int] = []
         positions: list[int] = []
         query_lens: list[int] = []
@@ -173,25 +162,81 @@ class ModelRunner:
             mark_unbacked(input_ids, 0)
             mark_unbacked(positions, 0)
         with forward_context(metadata):
+            if self._cache_pending:
+                return self._first_compiled_forward(input_ids, positions)
             return self._forward(input_ids, positions)
+
+    def _first_compiled_forward(self, input_ids: Tensor, positions: Tensor) -> Tensor:
+        """Load the compiled graph from the compile cache, or compile it and store it there.
+
+        Keyed at the first compiled call, once the real KV cache is bound (its shape is part of
+        the key), with this rank's tensor-parallel place (baked into the graph's vocab offsets)."""
+        from ...compiler import cache
+        from .. import distributed
+        self._cache_pending = False
+        key = cache.cache_key(self.model, self._compile_options,
+                              extra=f"tp {distributed.tp_rank()}/{distributed.tp_size()}")
+        loaded = cache.lookup(self._cache_dir, key, self.model)
+        if loaded is not None:
+            self._forward = loaded
+            return self._forward(input_ids, positions)
+        with cache.recording() as rec:
+            out = self._forward(input_ids, positions)
+        cache.store(self._cache_dir, key, rec, self.model.forward, out)
+        return out
 
     @torch.inference_mode()
     def run(self, batch: ScheduledBatch) -> Tensor:
         """Run one step; returns ``[N] int64`` CPU token ids, one per sampling entry in order."""
-        inputs = self.prepare(batch)
+        launched = self.launch(batch)
+        if not any(entry.sample for entry in batch.entries):
+            return torch.empty(0, dtype=torch.int64)
+        return self._sample(launched).cpu()
+
+    @torch.inference_mode()
+    def launch(self, batch: ScheduledBatch, input_tokens: Tensor | None = None) -> LaunchedStep:
+        """Prepare a step and queue its forward (with the LM head when a graph replays); nothing
+        waits for the device. ``input_tokens``: see :meth:`prepare`."""
+        inputs = self.prepare(batch, input_tokens)
         graph = self.decode_graphs.get(inputs.graph_size)
         if graph is not None:  # every entry of a decode step samples, in row order
-            logits = graph.replay()[:inputs.num_tokens]  # [N, V]
-        else:
-            hidden = self.forward(inputs.input_ids, inputs.positions, inputs.metadata)  # [T_pad, H]
-            logits = None
-        sampling = [entry.seq for entry in batch.entries if entry.sample]
-        if not sampling:
-            return torch.empty(0, dtype=torch.int64)
+            return LaunchedStep(batch, logits=graph.replay()[:inputs.num_tokens])  # [N, V]
+        hidden = self.forward(inputs.input_ids, inputs.positions, inputs.metadata)  # [T_pad, H]
+        return LaunchedStep(batch, hidden=hidden, logits_indices=inputs.logits_indices)
+
+    @torch.inference_mode()
+    def sample_async(self, launched: LaunchedStep, rows: list[int] | None = None) -> PendingStep | None:
+        """Sample the entries ``rows`` (None: all) of a launched decode step and queue the copy of
+        their tokens to the host; nothing waits for the device. None when ``rows`` is empty."""
+        batch = launched.batch
+        if rows is not None:
+            batch = ScheduledBatch([batch.entries[i] for i in rows], is_prefill=False)
+        if not batch.entries:
+            return None
+        return PendingStep.start(batch, self._sample(launched, rows))
+
+    def _sample(self, launched: LaunchedStep, rows: list[int] | None = None) -> Tensor:
+        """``[R] int64`` device tokens of the sampling entries ``rows`` (None: all), in order."""
+        seqs = [entry.seq for entry in launched.batch.entries if entry.sample]
+        index = None
+        if rows is not None:
+            seqs = [seqs[i] for i in rows]
+            index = self._rows(rows)
+        logits = launched.logits
         if logits is None:
-            logits = self.model.compute_logits(hidden[inputs.logits_indices])  # [N, V]
-        tokens = sample(logits, [s.params for s in sampling], [s.generator for s in sampling])  # [N]
-        return tokens.cpu()
+            indices = launched.logits_indices if index is None else launched.logits_indices[index]
+            logits = self.model.compute_logits(launched.hidden[indices])  # [R, V]
+        elif index is not None:
+            logits = logits[index]  # [R, V]
+        return sample(logits, [s.params for s in seqs], [s.generator for s in seqs])  # [R]
+
+    def _rows(self, rows: list[int]) -> slice | Tensor:
+        """An index of ``rows`` (increasing) for a device tensor, without a host-device sync:
+        a slice for a leading run, else a copy from pinned memory queued on the stream."""
+        if not rows or rows[-1] == len(rows) - 1:
+            return slice(0, len(rows))
+        index = torch.tensor(rows, dtype=torch.int64, pin_memory=self.device.type == "cuda")  # [R]
+        return index.to(self.device, non_blocking=True)
 
     @torch.inference_mode()
     def capture_cudagraphs(self) -> float:

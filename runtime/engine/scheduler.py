@@ -11,6 +11,11 @@ batch:
   When the KV blocks run out, the most recently admitted running sequence is preempted: its
   blocks are freed and it goes back to the front of the waiting queue; its generated tokens are
   kept and recomputed with the prompt when it is admitted again.
+
+With async scheduling, :meth:`Scheduler.schedule_ahead` builds the decode step that follows a
+decode step whose sampled tokens are still on the device, when that step is exactly what
+:meth:`Scheduler.schedule` would build after the postprocess, short of the rows of sequences
+that turn out to stop on their token (their results are then ignored).
 """
 from __future__ import annotations
 
@@ -91,11 +96,15 @@ class ScheduledBatch:
             False for a decode batch (every entry computes exactly one token and samples).
         finished: sequences the scheduler finished outside :meth:`Scheduler.postprocess` since
             the previous batch (requests that can never fit, ``finish_reason == "error"``).
+        input_rows: for a step scheduled ahead, the row of the previous step's sampled tokens
+            that is each entry's input id (not yet in ``seq.token_ids``); None when the input
+            ids are known on the host.
     """
 
     entries: list[ScheduledSeq]
     is_prefill: bool
     finished: list[Sequence] = field(default_factory=list)
+    input_rows: list[int] | None = None
 
     @property
     def seqs(self) -> list[Sequence]:
@@ -131,6 +140,7 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.num_preemptions = 0
+        self.num_ahead_steps = 0  # steps built by schedule_ahead
         self._failed: list[Sequence] = []
 
     def add(self, seq: Sequence) -> None:
@@ -159,6 +169,40 @@ class Scheduler:
             entries = self._schedule_decode()
         failed, self._failed = self._failed, []
         return ScheduledBatch(entries, is_prefill, failed)
+
+    def schedule_ahead(self, prev: ScheduledBatch) -> ScheduledBatch | None:
+        """The decode step after ``prev`` while ``prev``'s sampled tokens are still unknown.
+
+        ``prev`` is the decode step in flight: its entries are the running sequences, in order,
+        and it is not postprocessed yet. Each of them that will not reach its length limit with
+        its pending token computes that token next, at position ``len(seq.token_ids)``; one that
+        stops on it (end-of-sequence or stop id) is computed once more for nothing. Returns None,
+        changing nothing, when the next step can only be decided after the postprocess: a
+        waiting sequence may be admitted (a slot may free up), a request failed, the blocks
+        would not suffice for all (a preemption), or every sequence finishes.
+        """
+        if self._failed or prev.is_prefill or len(prev.entries) != len(self.running):
+            return None
+        rows: list[int] = []
+        seqs: list[Sequence] = []
+        for row, entry in enumerate(prev.entries):
+            seq = entry.seq
+            if not self._reaches_length(seq, len(seq.token_ids) + 1):
+                rows.append(row)
+                seqs.append(seq)
+        if self.waiting and not self._stays_full(seqs):
+            return None
+        if not seqs or not self.block_manager.may_append_all(seqs, num_pending=1):
+            return None
+        self.num_ahead_steps += 1
+        entries = [ScheduledSeq(seq, len(seq.token_ids), 1, True) for seq in seqs]
+        return ScheduledBatch(entries, False, input_rows=rows)
+
+    def _stays_full(self, seqs: list[Sequence]) -> bool:
+        """Whether ``seqs``, the running sequences that do not finish by length, fill every slot
+        and none can stop on a token: then no waiting sequence can be admitted next step."""
+        return len(seqs) >= self.config.max_num_seqs and all(
+            seq.params.ignore_eos and not seq.params.stop_token_ids for seq in seqs)
 
     def postprocess(self, batch: ScheduledBatch, sampled_token_ids: torch.Tensor | SequenceABC[int]) -> list[Sequence]:
         """Record a finished step: advance KV progress, append sampled tokens, finish sequences.
@@ -298,7 +342,8 @@ class Scheduler:
         params = seq.params
         if (token in self.eos_token_ids and not params.ignore_eos) or token in params.stop_token_ids:
             return FINISH_STOP
-        num_tokens = len(seq.token_ids)
-        if num_tokens - seq.num_prompt_tokens >= params.max_tokens or num_tokens >= self.config.max_model_len:
-            return FINISH_LENGTH
-        return None
+        return FINISH_LENGTH if self._reaches_length(seq, len(seq.token_ids)) else None
+
+    def _reaches_length(self, seq: Sequence, num_tokens: int) -> bool:
+        """Whether ``seq`` finishes by length once it holds ``num_tokens`` tokens."""
+        return num_tokens - seq.num_prompt_tokens >= seq.params.max_tokens or num_tokens >= self.config.max_model_len

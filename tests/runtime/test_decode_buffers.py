@@ -89,3 +89,20 @@ def test_fill_rejects_a_position_past_the_block_table():
     slots, seq_lens, block_tables = built_step(tables, positions, 4, 4, 4)
     torch.testing.assert_close(buffers.metadata.slot_mapping, slots)
     torch.testing.assert_close(buffers.metadata.block_tables, block_tables)
+
+
+def test_fill_without_ids_writes_the_rest_of_the_step():
+    """A step scheduled ahead: its ids are on the device only, the caller writes them after."""
+    block_size, tables, positions = 4, [[3, 1], [0], [2]], [5, 2, 0]
+    buffers = DecodeBuffers.allocate(4, 4, 16, "cpu")
+    buffers.fill([7, 8, 9, 10], [1, 1, 1, 1], [[0]] * 4, block_size)
+    buffers.fill(None, positions, tables, block_size)
+    buffers.input_ids[:3].copy_(torch.tensor([21, 22, 23]))
+    slots, seq_lens, block_tables = built_step(tables, positions, 4, block_size, 4)
+    md = buffers.metadata
+    torch.testing.assert_close(md.slot_mapping, slots)
+    torch.testing.assert_close(md.seq_lens, seq_lens)
+    torch.testing.assert_close(md.block_tables, block_tables)
+    assert buffers.input_ids.tolist() == [21, 22, 23, 0] and buffers.positions.tolist() == positions + [0]
+    with pytest.raises(ValueError, match="got 2 ids, 3 positions"):
+        buffers.fill([1, 2], positions, tables, block_size)

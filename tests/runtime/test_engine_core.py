@@ -111,6 +111,18 @@ def test_freed_block_reused_loses_its_hash():
     assert bm2.allocate(Sequence("again", range(9))) == 0
 
 
+def test_commit_refuses_to_hash_a_block_before_its_tokens_are_known():
+    bm = BlockManager(num_blocks=2, block_size=4)
+    seq = Sequence(0, range(3))
+    bm.allocate(seq)
+    seq.num_computed_tokens = 4  # as if the commit came before the 4th token was appended
+    with pytest.raises(AssertionError, match="before its tokens are known"):
+        bm.commit(seq, 0)
+    seq.append_token(3)
+    bm.commit(seq, 0)
+    assert bm.blocks[seq.block_table[0]].token_ids == (0, 1, 2, 3)
+
+
 def test_can_allocate_counts_cached_free_blocks():
     bm = BlockManager(num_blocks=3, block_size=4)
     a = computed(bm, Sequence("a", range(9)))

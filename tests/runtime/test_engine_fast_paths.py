@@ -84,6 +84,17 @@ def test_may_append_all_changes_nothing_when_blocks_are_short():
     assert bm.may_append_all(seqs[:1]) and seqs[0].block_table == [0, 2]
 
 
+def test_may_append_all_counts_pending_tokens():
+    """A step scheduled ahead computes a token not yet appended: its block must exist already."""
+    bm = BlockManager(num_blocks=4, block_size=2)
+    seqs = [Sequence(i, range(2 + i)) for i in range(2)]  # 2 and 3 tokens
+    for seq in seqs:
+        bm.allocate(seq)
+    assert bm.may_append_all(seqs) and [len(s.block_table) for s in seqs] == [1, 2]
+    assert bm.may_append_all(seqs, num_pending=1) and [len(s.block_table) for s in seqs] == [2, 2]
+    assert not bm.may_append_all(seqs, num_pending=3) and bm.num_free_blocks == 0
+
+
 # ---------------------------------------------------------------- sampler
 
 SHARED = [

@@ -9,7 +9,8 @@ import pytest
 import torch
 import transformers
 
-from infer.compiler import compilation_count
+from infer.compiler import compilation_count, last_report
+from infer.compiler.report import REPORTS
 from infer.runtime import LLM, RequestOutput, SamplingParams
 from infer.runtime.engine.config import EngineConfig
 from tiny_hf import CAUSAL_LM_TINY as TINY, make_hf_model, word_tokenizer
@@ -60,6 +61,10 @@ def tiny(tmp_path_factory):
     return built
 
 
+def dynamo_frames() -> int:
+    return REPORTS.frames_compiled()
+
+
 def make_llm(folder: Path, inner: str | None = None, **kwargs) -> LLM:
     """``inner=None``: no compile; else compile with that inner compiler."""
     kwargs.setdefault("cpu_kv_cache_bytes", SMALL_KV)
@@ -107,6 +112,26 @@ def test_greedy_matches_transformers_on_cuda(tmp_path, monkeypatch, mode):
         assert len(replays) >= MAX_TOKENS - 1  # every decode step
     else:
         assert not llm.runner.decode_graphs and not replays
+
+
+@pytest.mark.parametrize("kind", ["qwen3", "llama"])
+def test_compile_cache_serves_a_second_engine(tiny, tmp_path, kind):
+    """The first engine compiles and stores its graph; a second one on the same checkpoint loads
+    it without a Dynamo compile and generates the same tokens."""
+    folder, expected = tiny[kind]
+    first = make_llm(folder, "eager", block_size=4, compile_cache_dir=str(tmp_path))
+    before = compilation_count()
+    assert token_ids(first.generate(PROMPTS, GREEDY, use_tqdm=False)) == expected
+    assert compilation_count() > before
+    assert any(tmp_path.iterdir())
+    assert not last_report().cached
+    torch._dynamo.reset()
+    second = make_llm(folder, "eager", block_size=4, compile_cache_dir=str(tmp_path))
+    frames = dynamo_frames()
+    assert token_ids(second.generate(PROMPTS, GREEDY, use_tqdm=False)) == expected
+    assert last_report().cached and dynamo_frames() == frames  # loaded: Dynamo never ran
+    off = make_llm(folder, "eager", block_size=4, compile_cache_dir="")
+    assert off.runner._cache_dir is None
 
 
 def test_padded_decode_batches_give_the_same_output(tiny, monkeypatch):
@@ -225,6 +250,7 @@ def test_chat_template_is_applied(tiny):
 @pytest.mark.parametrize("kwargs, bad", [
     ({"max_num_seqs": 0}, "0"), ({"block_size": -4}, "-4"), ({"gpu_memory_utilization": 1.5}, "1.5"),
     ({"dtype": "int8"}, "int8"), ({"device": "tpu"}, "tpu"), ({"max_num_batched_tokens": 8}, "8"),
+    ({"async_scheduling": "yes"}, "async_scheduling must be True or False, got 'yes'"),
 ])
 def test_engine_config_rejects_bad_values(kwargs, bad):
     with pytest.raises(ValueError, match=bad):
