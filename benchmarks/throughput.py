@@ -37,6 +37,7 @@ logger = logging.getLogger(__name__)
 LLM_MODES = {  # name -> infer.LLM keyword arguments (on CUDA the engine adds piecewise graphs by default)
     "inductor": {"compile_options": {"inner_compiler": "inductor"}},
     "eager": {"compile_options": {"inner_compiler": "eager"}},
+    "inductor-sync": {"compile_options": {"inner_compiler": "inductor"}, "async_scheduling": False},
     "inductor-no-graphs": {"compile_options": {"inner_compiler": "inductor"}, "enforce_eager": True},
     "inductor-full": {"compile_options": {"inner_compiler": "inductor", "cudagraph_mode": "full"}},
     "eager-full": {"compile_options": {"inner_compiler": "eager", "cudagraph_mode": "full"}},
