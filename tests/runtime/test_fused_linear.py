@@ -9,12 +9,13 @@ from infer.runtime.ops import linear as L
 
 TOL = {torch.float32: dict(atol=1e-4, rtol=1e-4), torch.bfloat16: dict(atol=6e-2, rtol=3e-2)}
 EPS = 1e-6
+KERNEL_DEVICE = DEVICES[-1]  # the Triton kernel runs natively on CUDA, under the interpreter on CPU
 
 
 def inputs(prologue, m, k, n, dtype, bias, norm_weight=True, seed=0):
     """(gemv kwargs, op name, op args) for one case; gate/up are column halves of one buffer."""
     g = torch.Generator().manual_seed(seed)
-    rand = lambda *s: torch.randn(*s, generator=g).to(dtype)  # noqa: E731
+    rand = lambda *s: torch.randn(*s, generator=g).to(KERNEL_DEVICE, dtype)  # noqa: E731
     x, r, w = rand(m, k), rand(m, k), rand(n, k) * 0.1
     b = rand(n) if bias else None
     nw = rand(k) if norm_weight else None
@@ -55,7 +56,7 @@ def test_gemv_without_norm_weight_and_too_many_rows():
     kwargs.pop("bias")
     torch.testing.assert_close(gemv(x, w, **kwargs)[0], L.reference(name, *args), atol=1e-4, rtol=1e-4)
     with pytest.raises(ValueError, match=f"at most {MAX_ROWS} rows"):
-        gemv(torch.randn(MAX_ROWS + 1, 32), w)
+        gemv(torch.randn(MAX_ROWS + 1, 32, device=KERNEL_DEVICE), w)
 
 
 @pytest.mark.parametrize("device", DEVICES)
