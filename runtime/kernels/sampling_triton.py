@@ -2,25 +2,37 @@
 
 The exponential race ``argmax_v p[v] / E[v]`` with ``E ~ Exp(1)`` draws ``v`` with probability
 ``p[v]``; for ``p = softmax(x / T)`` it is ``argmax_v x[v] - T * log E[v]`` (Gumbel-max), which
-needs neither the softmax nor the division. Each program streams a range of one row in
-``[BLOCK/4, 4]`` tiles, makes the noise in registers and keeps a running argmax per lane; ties go
-to the lowest index. With few rows the vocab is split over several programs per row and a second
-tiny kernel reduces their ``(score, index)`` pairs.
+needs neither the softmax nor the division. Each program streams a range of one row in 1-D tiles,
+makes the noise in registers, one element from its own counter (no layout shuffles), and keeps a
+running argmax per lane; ties go to the lowest index. With few rows the vocab is split over several
+programs per row and a second tiny kernel reduces their ``(score, index)`` pairs.
 
-Noise: element ``v`` of row ``r`` takes word ``v % 4`` of Philox4x32-10 keyed on the 64-bit seed
-at counter ``(v // 4, r, 0, 0)``, so it depends on the seed, its row and its index only (not on
-the tiling or the split). From the word ``k``, ``w = (k + 1/2) / 2^32`` and ``E = -log(1 - w)``:
-the tokens that win against the odds have small ``E``, which come from small ``w``, held by fp32
-with full relative precision (a series stands for the log there). :func:`reference_sample`
-recomputes all of it in plain torch.
+Noise: the 32-bit word of element ``v`` of row ``r`` is ``mix(m * v + a)`` (mod 2^32), ``mix`` the
+``lowbias32`` finalizer (2 multiplies, 3 xor-shifts; a bijection with avalanche bias 0.17) and
+``(m odd, a)`` a 63-bit key hashed once per program from the 64-bit seed and ``r``: the SplitMix
+construction (a Weyl sequence through a murmur-style finalizer) with one stream per row. It costs
+9 integer ops per element against ~15 for Philox4x32-10 (4 words per counter) and keeps each word
+a function of (seed, row, index) only. Two rows or seeds read ``mix`` on two arithmetic
+progressions with unrelated odd steps, which share ~``V^2 / 2^32`` points at scattered indices, as
+many equal words as two independent streams would have; an XOR- or add-key (``mix(v ^ k)``)
+would instead make one row a shifted copy of another whenever the keys differ by less than ``V``.
+The tests bound equal draws across seeds and rows and the correlation of neighbouring uniforms.
 
-The launchers run on CPU tensors under ``TRITON_INTERPRET=1``.
+From the word ``k``, ``w = (k + 1/2) / 2^32`` and ``E = -log(1 - w)``: the tokens that win against
+the odds have small ``E``, which come from small ``w``, held by fp32 with full relative precision
+(6 terms of the series stand for the log below ``SERIES_MAX``). On CUDA both logs are the hardware
+``lg2.approx`` (absolute error ~2^-22 near 1: relative error < 3e-6 in ``E`` above ``SERIES_MAX``);
+the precise software log2 cost ~20 instructions each. :func:`reference_sample` recomputes it all in
+plain torch.
+
+The launchers run on CPU tensors under ``TRITON_INTERPRET=1`` (with the precise log).
 """
 from __future__ import annotations
 
 import contextlib
 import functools
 import math
+import os
 from dataclasses import dataclass
 
 import torch
@@ -29,11 +41,14 @@ import triton.language as tl
 
 
 LN2 = math.log(2.0)
-SERIES_MAX = 2.0 ** -6  # below it 4 terms of -log(1 - w) = w + w^2/2 + ... (relative error < 2e-8)
+SERIES_MAX = 2.0 ** -4  # below it 6 terms of -log(1 - w) = w + w^2/2 + ... (relative error < 1e-8)
 W_MAX = 1.0 - 2.0 ** -24  # largest fp32 below 1
+MIX_MUL = (0x7FEB352D, 0x846CA68B)  # lowbias32 (C. Wellons, "Prospecting for hash functions")
 _LN2: tl.constexpr = tl.constexpr(LN2)
 _SERIES_MAX: tl.constexpr = tl.constexpr(SERIES_MAX)
 _W_MAX: tl.constexpr = tl.constexpr(W_MAX)
+_MIX_MUL0: tl.constexpr = tl.constexpr(MIX_MUL[0])
+_MIX_MUL1: tl.constexpr = tl.constexpr(MIX_MUL[1])
 _NO_INDEX: tl.constexpr = tl.constexpr(2 ** 31 - 1)
 SEED_BIT = 1 << 62  # always set: the seed is then typed int64 by Triton (no recompiles), 62 random bits
 PROGRAMS_PER_SM = 4  # split target: rows * splits ~ this many programs per SM
@@ -49,41 +64,65 @@ class SamplingConfig:
 
 
 @triton.jit
-def _exponential(seed, row, base, Q: tl.constexpr):
-    """``Exp(1)`` noise ``[Q, 4]`` of elements ``base + 4 * i + j`` of ``row`` (``base % 4 == 0``)."""
-    counter = base // 4 + tl.arange(0, Q)  # [Q]
-    zero = counter * 0
-    k0, k1, k2, k3 = tl.philox(seed, counter, zero + row, zero, zero)
-    j = tl.arange(0, 4)[None, :]
-    k = tl.where(j == 0, k0[:, None], tl.where(j == 1, k1[:, None], tl.where(j == 2, k2[:, None], k3[:, None])))
-    w = k.to(tl.float32) * 2.3283064365386963e-10 + 1.1641532182693481e-10  # (k + 1/2) / 2^32, [Q, 4]
-    series = w * (1.0 + w * (0.5 + w * (0.3333333333333333 + w * 0.25)))
-    logged = -_LN2 * tl.log2(1.0 - tl.minimum(w, _W_MAX))
+def _mix(x):
+    """lowbias32 of ``uint32`` ``x``: a bijection of 32-bit words."""
+    x ^= x >> 16
+    x *= _MIX_MUL0
+    x ^= x >> 15
+    x *= _MIX_MUL1
+    return x ^ (x >> 16)
+
+
+@triton.jit
+def _row_key(seed, row):
+    """The stream ``(m, a)`` of ``row``: odd multiplier and offset, from both seed words."""
+    lo = (seed & 0xFFFFFFFF).to(tl.uint32)
+    hi = ((seed >> 32) & 0xFFFFFFFF).to(tl.uint32)
+    t = _mix(row.to(tl.uint32) ^ _mix(lo ^ _mix(hi)))
+    return t | 1, _mix(t ^ hi)
+
+
+@triton.jit
+def _log2(x, FAST_LOG: tl.constexpr):
+    if FAST_LOG:
+        return tl.inline_asm_elementwise("lg2.approx.ftz.f32 $0, $1;", "=r,r", [x], dtype=tl.float32,
+                                         is_pure=True, pack=1)
+    else:
+        return tl.log2(x)
+
+
+@triton.jit
+def _exponential(m, a, v, FAST_LOG: tl.constexpr):
+    """``Exp(1)`` noise of the elements ``v`` (int32) of the row keyed ``(m, a)``."""
+    k = _mix(v.to(tl.uint32) * m + a)
+    w = k.to(tl.float32) * 2.3283064365386963e-10 + 1.1641532182693481e-10  # (k + 1/2) / 2^32
+    series = w * (1.0 + w * (0.5 + w * (0.3333333333333333 + w * (0.25 + w * (0.2 + w * 0.16666666666666666)))))
+    logged = -_LN2 * _log2(1.0 - tl.minimum(w, _W_MAX), FAST_LOG)
     return tl.where(w < _SERIES_MAX, series, logged)
 
 
-@triton.jit(do_not_specialize=["seed", "stride", "chunks_per_split"])
+@triton.jit(do_not_specialize=["seed", "chunks_per_split"])
 def _gumbel_argmax_kernel(x_ptr, val_ptr, idx_ptr, out_ptr, seed, scale, stride, V, chunks_per_split,
-                          BLOCK: tl.constexpr, SPLIT: tl.constexpr):
+                          BLOCK: tl.constexpr, SPLIT: tl.constexpr, FAST_LOG: tl.constexpr):
     """Program ``(row, split)``: the best ``x - scale * log2(E)`` (``scale = T ln 2``) of its range."""
     row = tl.program_id(0)
     split = tl.program_id(1)
-    Q: tl.constexpr = BLOCK // 4
-    cols = 4 * tl.arange(0, Q)[:, None] + tl.arange(0, 4)[None, :]  # [Q, 4] offsets in a tile
+    m, a = _row_key(seed, row)
+    cols = tl.arange(0, BLOCK)
     x_row = x_ptr + row.to(tl.int64) * stride
     start = split * chunks_per_split * BLOCK
     end = tl.minimum(start + chunks_per_split * BLOCK, V)
-    best = tl.full([Q, 4], float("-inf"), tl.float32)
+    best = tl.full([BLOCK], float("-inf"), tl.float32)
     best_idx = start + cols  # an all -inf range answers its first index, as torch.argmax does
     for base in range(start, end, BLOCK):
         v = base + cols
         x = tl.load(x_row + v, mask=v < end, other=float("-inf")).to(tl.float32)
-        score = x - scale * tl.log2(_exponential(seed, row, base, Q))
+        score = x - scale * _log2(_exponential(m, a, v, FAST_LOG), FAST_LOG)
         take = score > best  # strict: a lane keeps its earliest (lowest) index on ties
         best = tl.where(take, score, best)
         best_idx = tl.where(take, v, best_idx)
-    top = tl.max(tl.max(best, 1), 0)
-    idx = tl.min(tl.min(tl.where(best == top, best_idx, _NO_INDEX), 1), 0)
+    top = tl.max(best, 0)
+    idx = tl.min(tl.where(best == top, best_idx, _NO_INDEX), 0)
     if SPLIT:
         tl.store(val_ptr + row * tl.num_programs(1) + split, top)
         tl.store(idx_ptr + row * tl.num_programs(1) + split, idx)
@@ -104,12 +143,12 @@ def _argmax_splits_kernel(val_ptr, idx_ptr, out_ptr, splits, BLOCK_S: tl.constex
 
 
 @triton.jit
-def _noise_kernel(out_ptr, seed, V, BLOCK: tl.constexpr):
+def _noise_kernel(out_ptr, seed, V, BLOCK: tl.constexpr, FAST_LOG: tl.constexpr):
     """Debug: the noise ``[rows, V]`` that :func:`_gumbel_argmax_kernel` draws."""
     row = tl.program_id(0)
-    base = tl.program_id(1) * BLOCK
-    v = base + 4 * tl.arange(0, BLOCK // 4)[:, None] + tl.arange(0, 4)[None, :]
-    tl.store(out_ptr + row * V + v, _exponential(seed, row, base, BLOCK // 4), mask=v < V)
+    m, a = _row_key(seed, row)
+    v = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    tl.store(out_ptr + row * V + v, _exponential(m, a, v, FAST_LOG), mask=v < V)
 
 
 @functools.lru_cache(maxsize=None)
@@ -130,9 +169,14 @@ def choose_config(rows: int, vocab: int, device: torch.device) -> SamplingConfig
 
 
 def draw_seed(generator: torch.Generator | None = None) -> int:
-    """A Philox seed from torch's CPU RNG (the global one unless ``generator``): reproducible under
+    """A noise seed from torch's CPU RNG (the global one unless ``generator``): reproducible under
     ``torch.manual_seed``, and each call advances it."""
     return int(torch.randint(SEED_BIT, (), generator=generator, device="cpu")) | SEED_BIT
+
+
+def _fast_log(t: torch.Tensor) -> bool:
+    """Whether the kernels use ``lg2.approx`` (compiled CUDA) rather than the precise log (interpreter)."""
+    return t.is_cuda and os.environ.get("TRITON_INTERPRET", "0") in ("", "0")
 
 
 def gumbel_sample(logits: torch.Tensor, temperature: float, seed: int,
@@ -168,7 +212,7 @@ def gumbel_sample(logits: torch.Tensor, temperature: float, seed: int,
         _gumbel_argmax_kernel[(n, splits)](
             logits, val if val is not None else out, idx if idx is not None else out, out,
             seed, temperature * LN2, logits.stride(0), vocab, per_split,
-            BLOCK=cfg.block, SPLIT=splits > 1, num_warps=cfg.num_warps)
+            BLOCK=cfg.block, SPLIT=splits > 1, FAST_LOG=_fast_log(logits), num_warps=cfg.num_warps)
         if splits > 1:
             _argmax_splits_kernel[(n,)](val, idx, out, splits, BLOCK_S=triton.next_power_of_2(splits), num_warps=1)
     return out
@@ -179,47 +223,45 @@ def kernel_exponential(seed: int, rows: int, vocab: int, device: torch.device | 
     out = torch.empty(rows, vocab, dtype=torch.float32, device=device)
     guard = torch.cuda.device(out.device) if out.is_cuda else contextlib.nullcontext()
     with guard:
-        _noise_kernel[(rows, triton.cdiv(vocab, 64))](out, seed, vocab, BLOCK=64, num_warps=1)
+        _noise_kernel[(rows, triton.cdiv(vocab, 64))](out, seed, vocab, BLOCK=64, FAST_LOG=_fast_log(out),
+                                                      num_warps=1)
     return out
 
 
 # ---------------------------------------------------------------- plain-torch reference
 
-_PHILOX_KEY = (0x9E3779B9, 0xBB67AE85)
-_PHILOX_ROUND = (0xD2511F53, 0xCD9E8D57)
 _MASK32 = 0xFFFFFFFF
 
 
-def _mul_hi_lo(a: int, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """High and low 32-bit words of ``a * b`` for a 32-bit constant and int64-held uint32 ``b``,
-    in 16-bit halves so that no product leaves int64."""
-    hi_part, lo_part = (a >> 16) * b, (a & 0xFFFF) * b  # each < 2**48
-    return (hi_part + (lo_part >> 16)) >> 16, (((hi_part & 0xFFFF) << 16) + lo_part) & _MASK32
+def _mul32(x: torch.Tensor, c: int) -> torch.Tensor:
+    """``x * c mod 2^32`` for int64-held uint32 ``x`` and a 32-bit ``c`` (or tensor), in 16-bit
+    halves of ``c`` so that no product leaves int64."""
+    hi, lo = (c >> 16) & 0xFFFF, c & 0xFFFF
+    return ((((x * hi) & 0xFFFF) << 16) + x * lo) & _MASK32
 
 
-def reference_philox(seed: int, counters: list[torch.Tensor], rounds: int = 10) -> list[torch.Tensor]:
-    """Philox4x32 words of four counter tensors (int64 holding uint32) under the 64-bit ``seed``,
-    as ``tl.philox`` computes them."""
-    k0, k1 = seed & _MASK32, (seed >> 32) & _MASK32
-    c0, c1, c2, c3 = counters
-    for _ in range(rounds):
-        hi_b, lo_b = _mul_hi_lo(_PHILOX_ROUND[1], c2)
-        hi_a, lo_a = _mul_hi_lo(_PHILOX_ROUND[0], c0)
-        c0, c1, c2, c3 = hi_b ^ c1 ^ k0, lo_b, hi_a ^ c3 ^ k1, lo_a
-        k0, k1 = (k0 + _PHILOX_KEY[0]) & _MASK32, (k1 + _PHILOX_KEY[1]) & _MASK32
-    return [c0, c1, c2, c3]
+def reference_mix(x: torch.Tensor) -> torch.Tensor:
+    """``lowbias32`` of int64-held uint32 ``x``, as the kernel computes it."""
+    x = x ^ (x >> 16)
+    x = _mul32(x, MIX_MUL[0])
+    x = x ^ (x >> 15)
+    x = _mul32(x, MIX_MUL[1])
+    return x ^ (x >> 16)
+
+
+def reference_bits(seed: int, rows: int, vocab: int) -> torch.Tensor:
+    """The kernel's 32-bit words ``[rows, vocab]`` (int64-held) for ``seed``."""
+    lo, hi = torch.tensor(seed & _MASK32), torch.tensor((seed >> 32) & _MASK32)
+    t = reference_mix(torch.arange(rows, dtype=torch.int64) ^ reference_mix(lo ^ reference_mix(hi)))  # [rows]
+    m, a = (t | 1)[:, None], reference_mix(t ^ hi)[:, None]
+    v = torch.arange(vocab, dtype=torch.int64)
+    return reference_mix((_mul32(v, m) + a) & _MASK32)  # [rows, vocab]
 
 
 def reference_exponential(seed: int, rows: int, vocab: int) -> torch.Tensor:
     """The kernel's ``Exp(1)`` noise ``[rows, vocab]`` (fp32, CPU) for ``seed``."""
-    v = torch.arange(vocab, dtype=torch.int64)
-    c0 = (v // 4).expand(rows, vocab)
-    c1 = torch.arange(rows, dtype=torch.int64)[:, None].expand(rows, vocab)
-    zero = torch.zeros_like(c0)
-    words = torch.stack(reference_philox(seed, [c0, c1, zero, zero]), dim=-1)  # [rows, vocab, 4]
-    k = words.gather(-1, (v % 4).expand(rows, vocab)[..., None])[..., 0]
-    w = k.to(torch.float32) * 2.0 ** -32 + 2.0 ** -33
-    series = w * (1.0 + w * (0.5 + w * (1.0 / 3.0 + w * 0.25)))
+    w = reference_bits(seed, rows, vocab).to(torch.float32) * 2.0 ** -32 + 2.0 ** -33
+    series = w * (1.0 + w * (0.5 + w * (1.0 / 3.0 + w * (0.25 + w * (0.2 + w * (1.0 / 6.0))))))
     logged = -LN2 * torch.log2(1.0 - w.clamp(max=W_MAX))
     return torch.where(w < SERIES_MAX, series, logged)
 
