@@ -68,6 +68,7 @@ class CudaGraphRunner:
                                if isinstance(t, torch.Tensor) and s]
         self.graphs: dict[int | None, _Captured] = {}
         self.warmed: set[int | None] = set()
+        self.warned_other_weights = False
     _boxed_call = True
 
     def __call__(self, args: list):
@@ -76,6 +77,9 @@ class CudaGraphRunner:
         if captured is not None:
             if captured.metadata_ptrs is not None and captured.metadata_ptrs != _metadata_ptrs():
                 return call_boxed(self.compiled, args)  # other metadata (a prefill): run, do not replay
+            if self.static_indices and args[self.static_indices[0]].data_ptr() != captured.static_ptrs[0] \
+                    and not self.pool.debug_addresses:
+                return self._other_weights(args)
             return self._replay(captured, args)
         on_cuda = any(isinstance(a, torch.Tensor) and a.is_cuda for a in args)
         if not on_cuda or (size is not None and size not in self.capture_sizes) \
@@ -107,6 +111,17 @@ class CudaGraphRunner:
             stats.sizes = tuple(sorted(stats.sizes + (size,)))
         logger.debug("captured CUDA graph for size %s", size)
         return captured
+
+    def _other_weights(self, args: list):
+        """Run uncaptured: the graph's weights are not the captured ones. Dynamo runs one graph
+        for every module that reaches it the same way (after a graph break inside a repeated
+        block each layer passes its own weights), and a replay would read the captured ones."""
+        if not self.warned_other_weights:
+            self.warned_other_weights = True
+            logger.warning("a CUDA graph's weights differ from those it was captured with (one compiled "
+                           "graph serves several modules, e.g. after a graph break in a repeated block): "
+                           "those calls run without CUDA graphs")
+        return call_boxed(self.compiled, args)
 
     def _replay(self, captured: _Captured, args: list):
         inputs = captured.inputs

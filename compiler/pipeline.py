@@ -70,22 +70,55 @@ def _transform_and_compile(gm: fx.GraphModule, example_inputs: Sequence, static:
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     is_static = [n.name in context.static_inputs for n in placeholders]
     inputs = list(example_inputs) + [n.meta["val"] for n in placeholders[len(example_inputs):]]
-    return compile_transformed(gm, inputs, is_static, context.extra_inputs, config, report)
+    index = {n.name: i for i, n in enumerate(placeholders[:len(example_inputs)])}
+    sources = [tuple(index[name] for name in recipe[1]) if recipe and recipe[0] == "pack" else None
+               for recipe in context.extra_recipes]
+    return compile_transformed(gm, inputs, is_static, context.extra_inputs, config, report, sources)
 
 
 def compile_transformed(gm: fx.GraphModule, example_inputs: Sequence, is_static: list[bool], constants: list,
-                        config: CompilerConfig, report: CompileReport) -> Callable:
-    """Split and inner-compile a graph the passes have transformed; `constants` feed its trailing inputs."""
+                        config: CompilerConfig, report: CompileReport,
+                        sources: list[tuple[int, ...] | None] | None = None) -> Callable:
+    """Split and inner-compile a graph the passes have transformed; `constants` feed its trailing
+    inputs, and `sources` names, per constant, the graph inputs a weight pack was made from."""
     start = time.perf_counter()
     compiled = compile_pieces(gm, example_inputs, is_static, config, report)
     report.time_inner_s = time.perf_counter() - start
-    return compiled if not constants else _with_constants(compiled, constants)
+    return compiled if not constants else _with_constants(compiled, constants, sources)
 
 
-def _with_constants(compiled: Callable, constants: list) -> Callable:
-    """Feed the tensors passes created (packed weights) as trailing inputs."""
+def _with_constants(compiled: Callable, constants: list, sources: list[tuple[int, ...] | None] | None = None
+                    ) -> Callable:
+    """Feed the tensors passes created (packed weights) as trailing inputs.
+
+    Dynamo may run one graph for several modules: after a graph break inside a repeated block,
+    every layer calls the same resumed frame with its own weights as inputs. A weight pack is
+    therefore fed only while its first source weight is the call's own (packing made the sources
+    views of the pack, so the pointers match); other weights are packed the same way on their
+    first call, and that pack is kept for them.
+    """
+    from ..passes.gemm_pack import pack_in_place
+
+    constants = list(constants)
+    checks = [(slot, idx) for slot, idx in enumerate(sources or ()) if idx]
+    packs: dict[tuple[int, ...], torch.Tensor] = {}
+
+    def feed_for(args: list) -> list:
+        feed = constants
+        for slot, idx in checks:
+            if args[idx[0]].data_ptr() == feed[slot].data_ptr():
+                continue
+            key = tuple(args[i].data_ptr() for i in idx)
+            packed = packs.get(key)
+            if packed is None:
+                packed = pack_in_place([args[i] for i in idx])
+                packs[tuple(args[i].data_ptr() for i in idx)] = packed  # the sources are its views now
+            feed = list(feed) if feed is constants else feed
+            feed[slot] = packed
+        return feed
+
     def run(args: list):
-        return call_boxed(compiled, list(args) + constants)
+        return call_boxed(compiled, list(args) + feed_for(args))
     run._boxed_call = True
     return run
 

@@ -105,3 +105,61 @@ def test_no_dump_by_default(caplog):
     with caplog.at_level(logging.DEBUG, logger="infer"), torch.no_grad():
         torch.compile(_mlp(), backend="infer", options={"inner_compiler": "eager"})(torch.randn(2, 16))
     assert "graph before" not in caplog.text
+
+
+class _Block(torch.nn.Module):
+    """Three projections of one input (gemm_pack packs them), after a graph break: Dynamo runs
+    one resumed-frame graph for every block, each passing its own weights."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.q, self.k, self.v = (torch.nn.Linear(width, width, bias=False) for _ in range(3))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        torch._dynamo.graph_break()
+        return torch.relu(self.q(x) + self.k(x) * self.v(x))
+
+
+class _Stack(torch.nn.Module):
+    def __init__(self, width: int = 16, depth: int = 3) -> None:
+        super().__init__()
+        self.blocks = torch.nn.ModuleList(_Block(width) for _ in range(depth))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for block in self.blocks:
+            x = block(x)
+        return x
+
+
+def _stack_and_input(device: str):
+    torch.manual_seed(0)
+    model = _Stack().to(device).requires_grad_(False)
+    return model, torch.randn(4, 16, device=device)
+
+
+def test_one_graph_for_several_modules_packs_each_modules_weights():
+    """After a graph break every block runs the same compiled graph with its own weights: each
+    block must get a weight pack of its own weights (not the first block's)."""
+    model, x = _stack_and_input("cpu")
+    with torch.inference_mode():
+        expected = model(x)
+        got = torch.compile(model, backend="infer", options={"inner_compiler": "eager"})(x)
+    assert ic.last_report().fusions.get("qkv", 0) >= 1  # the blocks' graph packs q/k/v
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    for block in model.blocks:  # each block's weights are views of its own pack now
+        assert block.k.weight.data_ptr() == block.q.weight.data_ptr() + block.q.weight.numel() * 4
+
+
+@pytest.mark.gpu
+def test_one_graph_for_several_modules_does_not_replay_other_weights():
+    """Piecewise CUDA graphs of such a shared graph are captured with one block's weights; the
+    other blocks must not replay them (they run uncaptured)."""
+    model, x = _stack_and_input("cuda")
+    options = {"inner_compiler": "eager", "cudagraph_mode": "piecewise", "cudagraph_capture_sizes": (4,)}
+    compiled = torch.compile(model, backend="infer", options=options)
+    with torch.inference_mode():
+        expected = model(x)
+        for _ in range(3):  # warm-up, capture, replay
+            torch._dynamo.mark_dynamic(x, 0)
+            got = compiled(x)
+            torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
