@@ -87,18 +87,25 @@ class ModelRunner:
                 size, self.max_blocks_per_seq, self.config.max_model_len, self.device)
         return self.decode_buffers[size]
 
+    def _graph_size(self, batch: ScheduledBatch) -> int | None:
+        """The capture size whose static buffers (and full graph) run ``batch``; None when it is
+        not a full-graph decode step."""
+        if not self.full_graph or batch.is_prefill:
+            return None
+        size = self._padded_size(len(batch.entries))
+        return size if size in self.capture_sizes else None
+
     def supports_async(self, batch: ScheduledBatch) -> bool:
         """Whether ``batch`` may run ahead of the host (async scheduling): a decode step on the
         static buffers of a capture size, whose input ids can be written on the device."""
-        return (self.full_graph and not batch.is_prefill
-                and self._padded_size(len(batch.entries)) in self.capture_sizes)
+        return self._graph_size(batch) is not None
 
     def _prepare_full_graph_decode(self, batch: ScheduledBatch, input_tokens: Tensor | None) -> StepInputs | None:
         """A decode step on the static buffers of its padded size (None: not a full-graph step)."""
-        n = len(batch.entries)
-        size = self._padded_size(n)
-        if batch.is_prefill or size not in self.capture_sizes:
+        size = self._graph_size(batch)
+        if size is None:
             return None
+        n = len(batch.entries)
         buffers = self._buffers(size)
         ahead = batch.input_rows is not None
         fill_decode_buffers(buffers, batch.entries, self.block_size, with_ids=not ahead)
@@ -114,10 +121,9 @@ class ModelRunner:
         """
         if (batch.input_rows is not None) != (input_tokens is not None):
             raise ValueError("input_tokens must be given exactly for a batch scheduled ahead (batch.input_rows)")
-        if self.full_graph:
-            inputs = self._prepare_full_graph_decode(batch, input_tokens)
-            if inputs is not None:
-                return inputs
+        inputs = self._prepare_full_graph_decode(batch, input_tokens)
+        if inputs is not None:
+            return inputs
         if input_tokens is not None:
             raise ValueError(f"a batch scheduled ahead must run on captured decode buffers; "
                              f"{len(batch.entries)} entries have no capture size in {self.capture_sizes}")
