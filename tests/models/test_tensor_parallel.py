@@ -30,6 +30,7 @@ WORKER = textwrap.dedent('''
         logits = model.compute_logits(hidden)
     heads = model.model.layers[0].self_attn.num_heads
     torch.save({"logits": logits, "heads": heads}, f"{out}.{dist.get_rank()}")
+    dist.barrier()  # both ranks done before either tears gloo down (a racing teardown aborted once)
     dist.destroy_process_group()
 ''')
 
