@@ -18,6 +18,7 @@ import torch
 import transformers
 
 from ..models.qwen import Qwen3ForCausalLM
+from ..compiler.stages import compile_stages
 from ..runtime.attention import Attention, AttentionMetadata, forward_context
 from ..runtime.engine.model_runner import StepGraph
 
@@ -30,12 +31,14 @@ SHAPES = {
                  head_dim=64, intermediate_size=256, vocab_size=512, tie_word_embeddings=True),  # CPU tests
 }
 BLOCK = 16
-MODES = {  # name -> compile options (None = eager PyTorch, no compile)
+MODES = {  # name -> compile options (None = eager PyTorch, no compile); full-*: stage by stage, as the
+    # engine compiles, unless "staged": False (one whole-forward graph)
     "eager": None,
     "piecewise-eager": {"inner_compiler": "eager", "cudagraph_mode": "piecewise"},
     "piecewise-inductor": {"inner_compiler": "inductor", "cudagraph_mode": "piecewise"},
     "full-eager": {"inner_compiler": "eager", "cudagraph_mode": "full"},
     "full-inductor": {"inner_compiler": "inductor", "cudagraph_mode": "full"},
+    "whole-full-inductor": {"inner_compiler": "inductor", "cudagraph_mode": "full", "staged": False},
     "nolinear-full-inductor": {"inner_compiler": "inductor", "cudagraph_mode": "full", "fuse_linear": False},
     "nopass-piecewise-eager": {"inner_compiler": "eager", "cudagraph_mode": "piecewise", "fuse_norm": False,
                                "fuse_gemm": False, "fuse_activation": False, "fuse_linear": False},
@@ -119,16 +122,25 @@ def time_mode(model, options, batch: int, context: int, steps: int = 50, device:
     # Full graphs are captured the way the engine's ModelRunner does it: around the compiled
     # forward (compiled without graphs) and the LM head, replayed directly.
     runner_graph = options is not None and options.get("cudagraph_mode") == "full" and device.startswith("cuda")
+    staged = False
+    if options is not None:
+        options = dict(options)
+        staged = options.pop("staged", True) and runner_graph and hasattr(model, "run_stages")
     if runner_graph:
         options = dict(options, cudagraph_mode="none")
-    forward = model.forward if options is None else torch.compile(
-        model.forward, backend="infer", options=dict(options, cudagraph_capture_sizes=(batch,)))
+    if staged:
+        stages = compile_stages(model.stages, options)
+        forward = lambda ids, pos: model.run_stages(ids, pos, stages)  # noqa: E731
+    else:
+        forward = model.forward if options is None else torch.compile(
+            model.forward, backend="infer", options=dict(options, cudagraph_capture_sizes=(batch,)))
     step = (lambda: model.compute_logits(forward(ids, pos))) if logits else (lambda: forward(ids, pos))
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
     start = time.perf_counter()
     with forward_context(md), torch.inference_mode():
         for _ in range(3):
-            torch._dynamo.mark_dynamic(ids, 0); torch._dynamo.mark_dynamic(pos, 0)
+            if not staged:  # stages mark dim 0 unbacked themselves, as in the engine
+                torch._dynamo.mark_dynamic(ids, 0); torch._dynamo.mark_dynamic(pos, 0)
             step()
         sync()
         if runner_graph:

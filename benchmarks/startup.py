@@ -7,14 +7,13 @@ Each measurement is a fresh process (``python -m infer.benchmarks.startup --chil
 child times ``LLM(...)`` and a first ``generate`` of one token, and splits the time with:
 
 - load: the loader's "loaded ..." log record, relative to the start of ``LLM(...)``;
-- dynamo / passes / inner: ``infer.compiler.last_report()`` (the last graph compiled);
-- compile total: Dynamo's own time for every frame it compiled (backend included); "compile
-  rest" = compile total - dynamo - passes - inner (AOT tracing, graph split, other frames);
-
-- capture: ``LLM.capture_seconds`` (the engine captures its decode graphs inside ``LLM(...)``),
-  n/a where the engine does not expose it;
-- other: the rest (tokenizer, KV sizing and profile run execution, first prefill, ...); it can come
-  out small or negative where capture includes compile work that Dynamo also timed.
+- compile: Dynamo's own time for every frame it compiled (backend included) plus the loads from
+  the engine's compile cache; split (summed over every graph, ``REPORTS.totals()``) into
+  dynamo (tracing: the frames' time less the backend's), aot (AOT tracing to ATen), passes and
+  inner (graph split and inner compiler);
+- capture: ``LLM.capture_seconds`` less the compile time (the first graph compiles inside the
+  first capture warm-up), n/a where the engine does not expose it;
+- other: the rest (tokenizer, KV sizing and profile run execution, first prefill, ...).
 """
 from __future__ import annotations
 
@@ -74,7 +73,8 @@ def child_main(argv: list[str]) -> int:
     times = _LogTimes()
     logging.getLogger("infer").addHandler(times)
     logging.getLogger("infer").setLevel(logging.INFO)
-    from ..compiler import compilation_count, last_report
+    from ..compiler import compilation_count
+    from ..compiler.report import REPORTS
     from ..runtime.engine.llm import LLM
     from ..runtime.engine.sampling import SamplingParams
 
@@ -90,20 +90,19 @@ def child_main(argv: list[str]) -> int:
     ttft_s = time.perf_counter() - start
     if out[0].finish_reason == "error":
         raise RuntimeError(f"first request failed: {out[0].error}")
-    report = last_report()
     loaded = times.first("infer.models.loader", "loaded ")
+    totals = REPORTS.totals()
+    frames_s = _dynamo_frames_s() or 0.0
+    compile_s = frames_s + totals["cached_s"]
+    capture_s = getattr(llm, "capture_seconds", None)
     result = dict(python_start_s=python_start_s, init_s=init_s, first_generate_s=ttft_s - init_s, ttft_s=ttft_s,
                   total_s=python_start_s + ttft_s, load_s=None if loaded is None else loaded - wall0,
-                  compile_total_s=_dynamo_frames_s(), graphs_compiled=compilation_count(),
-                  dynamo_s=getattr(report, "time_dynamo_s", None), passes_s=getattr(report, "time_passes_s", None),
-                  inner_s=getattr(report, "time_inner_s", None),
-                  graphs_captured=getattr(getattr(report, "cudagraphs", None), "captured_graphs", None),
-                  capture_s=getattr(llm, "capture_seconds", None))
+                  compile_total_s=compile_s, graphs_compiled=compilation_count(),
+                  dynamo_s=max(frames_s - totals["compiled_s"], 0.0), aot_s=totals["aot_s"],
+                  passes_s=totals["passes_s"], inner_s=totals["inner_s"],
+                  capture_s=None if capture_s is None else max(capture_s - compile_s, 0.0))
     known = [result["load_s"], result["compile_total_s"], result["capture_s"]]
     result["other_s"] = ttft_s - sum(v for v in known if v is not None)
-    split = [result[k] for k in ("compile_total_s", "dynamo_s", "passes_s", "inner_s")]
-    if all(v is not None for v in split):  # AOT tracing, graph split, other frames
-        result["compile_rest_s"] = split[0] - sum(split[1:])
     print(MARKER + json.dumps(result), flush=True)
     return 0
 
@@ -142,8 +141,8 @@ def spawn(model: Path, llm_kwargs: dict, cache_root: Path, settings: Settings, l
 
 COLUMNS = [Column("shape", "shape"), Column("mode", "mode"), Column("phase", "cache"),
            Column("ttft_s", "LLM() to 1st token s", ".1f"), Column("load_s", "load s", ".1f"),
-           Column("dynamo_s", "dynamo s", ".1f"), Column("passes_s", "passes s", ".2f"),
-           Column("inner_s", "inner s", ".1f"), Column("compile_rest_s", "compile rest s", ".1f"),
+           Column("dynamo_s", "dynamo s", ".1f"), Column("aot_s", "aot s", ".1f"),
+           Column("passes_s", "passes s", ".2f"), Column("inner_s", "inner s", ".1f"),
            Column("compile_total_s", "compile total s", ".1f"),
            Column("capture_s", "graph capture s", ".1f"), Column("other_s", "other s", ".1f"),
            Column("python_start_s", "process start s", ".1f"), Column("graphs_compiled", "graphs")]
@@ -154,8 +153,9 @@ def run(settings: Settings, llm_modes: tuple[str, ...] = DEFAULT_MODES) -> Table
                        COLUMNS, ("shape", "mode", "phase"))
     shape = settings.shapes[0]
     cfg = qwen3_config(shape)
-    table.note("dynamo/passes/inner: last compiled graph (compile report); compile total: all Dynamo frames; "
-               "graph capture: LLM.capture_seconds; other: the rest of LLM() + first generate")
+    table.note("compile total: all Dynamo frames + compile-cache loads, split into dynamo/aot/passes/inner summed "
+               "over every graph; graph capture: LLM.capture_seconds less compile; other: the rest of LLM() + "
+               "first generate (tokenizer, profile run, KV cache, prefill)")
     if not settings.cuda:
         table.note("CPU run: the engine compiles at the first generate (no profile run on CPU)")
     with tempfile.TemporaryDirectory(prefix="infer-bench-startup-", dir=settings.tmp_dir) as root:
@@ -176,7 +176,7 @@ def run(settings: Settings, llm_modes: tuple[str, ...] = DEFAULT_MODES) -> Table
 def plot(fig, table: Table) -> None:
     ax = fig.subplots()
     rows = ok_rows(table)
-    parts = ["load_s", "dynamo_s", "passes_s", "inner_s", "compile_rest_s", "capture_s", "other_s"]
+    parts = ["load_s", "dynamo_s", "aot_s", "passes_s", "inner_s", "capture_s", "other_s"]
     labels = [f"{r['mode']}\n{r['phase']}" for r in rows]
     bottom = [0.0] * len(rows)
     for part in parts:

@@ -44,7 +44,7 @@ from .inner import call_boxed
 
 logger = logging.getLogger("infer")
 
-FORMAT = 1
+FORMAT = 2
 _LOCAL = r"L\['([A-Za-z_]\w*)'\]"
 _MODULE_TENSOR = re.compile(rf"^{_LOCAL}((?:\._modules\['[^']+'\])*)\._(parameters|buffers)\['([^']+)'\]$")
 _ARGUMENT = re.compile(rf"^{_LOCAL}$")
@@ -87,16 +87,20 @@ class Recording:
     def __init__(self) -> None:
         self.graphs: list[dict] = []
         self.problems: list[str] = []
-        self.graph_breaks = _graph_breaks()
+        self.graph_breaks = graph_breaks()
+        self.stage_tuples: dict[str, bool] = {}  # stage name -> whether it returned a tuple
 
     def recorder(self, gm: fx.GraphModule, example_inputs: Sequence, config: CompilerConfig,
                  report) -> Callable[[fx.GraphModule, list], None]:
         """Called by the pipeline with the Dynamo graph; returns what it calls after the passes."""
+        from .stages import current_stage
+
         inputs = _dynamo_inputs(gm, example_inputs, self.problems)
+        stage = current_stage()
 
         def record(transformed: fx.GraphModule, recipes: list) -> None:
             try:
-                self.graphs.append(_entry(transformed, inputs, recipes, config, report))
+                self.graphs.append(dict(_entry(transformed, inputs, recipes, config, report), stage=stage))
             except Unsupported as e:
                 self.problems.append(str(e))
         return record
@@ -123,11 +127,11 @@ def store(directory: str | os.PathLike, key: str, rec: Recording, forward: Calla
     `forward` is the function that was compiled (its parameters name the call's arguments) and
     `output` what the recorded call returned (it must be the graph's one output, a tensor)."""
     problems = list(rec.problems)
-    if _graph_breaks() != rec.graph_breaks:
+    if graph_breaks() != rec.graph_breaks:
         problems.append("Dynamo broke the graph")
     if len(rec.graphs) != 1:
         problems.append(f"{len(rec.graphs)} graphs were compiled, not 1")
-    if not isinstance(output, torch.Tensor):
+    if not isinstance(output, torch.Tensor) or len(rec.graphs) == 1 and rec.graphs[0]["outputs"] != 1:
         problems.append(f"the call returned a {type(output).__name__}, not a tensor")
     args = [p.name for p in inspect.signature(forward).parameters.values()]
     for b in rec.graphs[0]["inputs"] if len(rec.graphs) == 1 else []:
@@ -136,9 +140,14 @@ def store(directory: str | os.PathLike, key: str, rec: Recording, forward: Calla
     if problems:
         logger.warning("compile cache: not storing %s: %s", key[:12], "; ".join(problems))
         return None
-    path = _path(directory, key)
+    return write_entry(directory, key, dict(rec.graphs[0], args=args))
+
+
+def write_entry(directory: str | os.PathLike, key: str, data: dict) -> Path:
+    """Write `data` (with the format and key added) as the entry for `key`, atomically."""
+    path = entry_path(directory, key)
     path.parent.mkdir(parents=True, exist_ok=True)
-    data = dict(rec.graphs[0], format=FORMAT, key=key, args=args)
+    data = dict(data, format=FORMAT, key=key)
     with tempfile.NamedTemporaryFile("w", dir=path.parent, suffix=".tmp", delete=False) as f:
         try:
             json.dump(data, f)
@@ -150,19 +159,24 @@ def store(directory: str | os.PathLike, key: str, rec: Recording, forward: Calla
     return path
 
 
-def lookup(directory: str | os.PathLike, key: str, module: torch.nn.Module) -> CachedForward | None:
-    """The compiled forward saved for `key`, bound to `module`; None if absent or unusable (warned)."""
-    path = _path(directory, key)
+def load_entry(directory: str | os.PathLike, key: str, load: Callable[[dict], Any]) -> Any:
+    """`load(data)` of the entry for `key`; None if absent or unusable (warned, never raised)."""
+    path = entry_path(directory, key)
     if not path.is_file():
         return None
     try:
         data = json.loads(path.read_text())
         if data.get("format") != FORMAT or data.get("key") != key:
             raise ValueError(f"format {data.get('format')!r} / key do not match")
-        return _load(data, module)
+        return load(data)
     except Exception as e:  # noqa: BLE001 - a corrupt or stale entry is a miss, never an error
         logger.warning("compile cache: ignoring %s (%s: %s)", path, type(e).__name__, e)
         return None
+
+
+def lookup(directory: str | os.PathLike, key: str, module: torch.nn.Module) -> CachedForward | None:
+    """The compiled forward saved for `key`, bound to `module`; None if absent or unusable (warned)."""
+    return load_entry(directory, key, lambda data: _load(data, module))
 
 
 class CachedForward:
@@ -178,21 +192,26 @@ class CachedForward:
     def __call__(self, *args):
         if len(args) != len(self.args):
             raise TypeError(f"expected {len(self.args)} arguments ({', '.join(self.args)}), got {len(args)}")
-        for i, (dtype, shape, device) in self.checks.items():
-            a = args[i]
-            if not isinstance(a, torch.Tensor) or a.dtype != dtype or a.device.type != device or a.dim() != len(shape) \
-                    or any(n is not None and n != d for n, d in zip(shape, a.shape)):
-                sizes = ", ".join("any" if n is None else str(n) for n in shape)
-                raise ValueError(f"argument {self.args[i]!r} must be a [{sizes}] {dtype} tensor on {device} "
-                                 f"(as when it was compiled), got {_describe(a)}")
-        flat = [_feed(f, args) for f in self.feeds]
+        check_args(self.checks, self.args, args)
+        flat = [feed(f, args) for f in self.feeds]
         if torch.is_grad_enabled():
             with torch.no_grad():
                 return call_boxed(self.compiled, flat)[0]
         return call_boxed(self.compiled, flat)[0]
 
 
-def _feed(feed: tuple, args: tuple) -> object:
+def check_args(checks: dict, names: list[str], args: tuple) -> None:
+    """ValueError unless each checked argument has the dtype, fixed sizes and device it was compiled for."""
+    for i, (dtype, shape, device) in checks.items():
+        a = args[i]
+        if not isinstance(a, torch.Tensor) or a.dtype != dtype or a.device.type != device or a.dim() != len(shape) \
+                or any(n is not None and n != d for n, d in zip(shape, a.shape)):
+            sizes = ", ".join("any" if n is None else str(n) for n in shape)
+            raise ValueError(f"argument {names[i]!r} must be a [{sizes}] {dtype} tensor on {device} "
+                             f"(as when it was compiled), got {_describe(a)}")
+
+
+def feed(feed: tuple, args: tuple) -> object:
     kind, where, which = feed
     if kind == "tensor":
         return where[which]  # the module's _parameters / _buffers now: rebinding a buffer is seen
@@ -201,7 +220,7 @@ def _feed(feed: tuple, args: tuple) -> object:
 
 def _entry(gm: fx.GraphModule, inputs: list[dict] | None, recipes: list, config: CompilerConfig, report) -> dict:
     """The saved form of one transformed graph (raises Unsupported)."""
-    _check_aot_metadata()
+    outputs = _check_aot_metadata()
     placeholders = gm.graph.find_nodes(op="placeholder")
     if inputs is None or len(placeholders) != len(inputs) + len(recipes):
         raise Unsupported("the graph's inputs do not line up with Dynamo's")
@@ -212,7 +231,7 @@ def _entry(gm: fx.GraphModule, inputs: list[dict] | None, recipes: list, config:
             raise Unsupported(f"a pass made an input the cache cannot make again: {recipe}")
         bindings.append({"kind": "pack", "of": [names[n] for n in recipe[1]]})
     options = {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(config).items()}
-    return {"graph": dump_graph(gm.graph), "inputs": bindings, "config": options,
+    return {"graph": dump_graph(gm.graph), "inputs": bindings, "config": options, "outputs": outputs,
             "report": {"passes": dict(report.passes), "fusions": dict(report.fusions),
                        "nodes_before": report.nodes_before}}
 
@@ -247,23 +266,32 @@ def _dynamo_inputs(gm: fx.GraphModule, example_inputs: Sequence, problems: list[
     return out
 
 
-def _check_aot_metadata() -> None:
+def _check_aot_metadata() -> int:
     from torch._functorch._aot_autograd.schemas import MutationType, OutputType, SubclassCreationMeta
 
     context = torch._guards.TracingContext.try_get()
     meta = getattr(context, "fw_metadata", None)
     if meta is None:
         raise Unsupported("no AOT metadata for the graph")
-    if len(meta.output_info) != 1 or meta.output_info[0].output_type != OutputType.non_alias:
-        raise Unsupported("the graph does not return exactly one fresh tensor")
+    if not meta.output_info or any(o.output_type != OutputType.non_alias for o in meta.output_info):
+        raise Unsupported("the graph does not return only fresh tensors")
     if any(i.mutation_type not in (MutationType.NOT_MUTATED, MutationType.MUTATED_IN_GRAPH) for i in meta.input_info):
         raise Unsupported("an input mutation happens outside the graph")
     if meta.tokens or meta.num_intermediate_bases or any(
             isinstance(m, SubclassCreationMeta) for m in meta.subclass_inp_meta):
         raise Unsupported("the graph uses effect tokens, intermediate bases or tensor subclasses")
+    return len(meta.output_info)
 
 
 def _load(data: dict, module: torch.nn.Module) -> CachedForward:
+    feeds, constants, checks = bind(data["inputs"], data["args"], module)
+    compiled, report = compile_entry(data, constants)
+    return CachedForward(compiled, feeds, data["args"], checks, report)
+
+
+def compile_entry(data: dict, constants: list) -> tuple[Callable, Any]:
+    """Split and inner-compile a saved graph; `constants` (weight packs) are appended to its inputs
+    by the returned callable (none: the caller appends them). Returns (callable, report)."""
     from .pipeline import compile_transformed
     from .report import REPORTS, CompileReport
     from .split import piece_inputs
@@ -274,7 +302,6 @@ def _load(data: dict, module: torch.nn.Module) -> CachedForward:
     placeholders = graph.find_nodes(op="placeholder")
     if len(data["inputs"]) != len(placeholders):
         raise ValueError(f"{len(data['inputs'])} input bindings for {len(placeholders)} graph inputs")
-    feeds, constants, checks = _bind(data["inputs"], data["args"], module)
     report = CompileReport(inner_compiler=config.inner_compiler, cudagraph_mode=config.cudagraph_mode, cached=True,
                            passes=data["report"]["passes"], fusions=data["report"]["fusions"],
                            nodes_before=data["report"]["nodes_before"], nodes_after=len(graph.nodes))
@@ -284,11 +311,11 @@ def _load(data: dict, module: torch.nn.Module) -> CachedForward:
     compiled = compile_transformed(gm, [p.meta["val"] for p in placeholders], is_static, constants, config, report)
     report.time_total_s = report.time_inner_s
     REPORTS.publish(report, frames_before)
-    return CachedForward(compiled, feeds, data["args"], checks, report)
+    return compiled, report
 
 
-def _bind(bindings: list[dict], args: list[str], module: torch.nn.Module) -> tuple[list, list, dict]:
-    """(feeds, constants, checks) for `CachedForward`: module tensors are checked against the entry,
+def bind(bindings: list[dict], args: list[str], module: torch.nn.Module) -> tuple[list, list, dict]:
+    """(feeds, constants, checks) for `CachedForward`, or a stage's module: module tensors are checked against the entry,
     weight packs made again (the module's weights become views of them, as in a cold compile)."""
     from ..passes.gemm_pack import pack_in_place
 
@@ -313,13 +340,13 @@ def _bind(bindings: list[dict], args: list[str], module: torch.nn.Module) -> tup
     return feeds, constants, checks
 
 
-def _path(directory: str | os.PathLike, key: str) -> Path:
+def entry_path(directory: str | os.PathLike, key: str) -> Path:
     if not re.fullmatch(r"[0-9a-f]{64}", key):
         raise ValueError(f"cache key must be a sha256 hex digest (see cache_key), got {key!r}")
     return Path(directory) / f"{key}.json"
 
 
-def _graph_breaks() -> int:
+def graph_breaks() -> int:
     from torch._dynamo.utils import counters
     return sum(counters["graph_break"].values())
 

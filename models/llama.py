@@ -20,7 +20,8 @@ from ..runtime import ops  # noqa: F401  (registers torch.ops.infer.rotary_embed
 from .layers.embedding import ParallelLMHead, VocabParallelEmbedding
 from .layers.linear import ColumnParallelLinear, RowParallelLinear, resolve_tp
 from .layers.norm import RMSNorm
-from .layers.rotary import get_rope
+from .layers.rotary import get_rope, split_cos_sin
+from .stages import Stages
 
 logger = logging.getLogger(__name__)
 
@@ -106,7 +107,12 @@ class LlamaMLP(nn.Module):
 
 
 class LlamaDecoderLayer(nn.Module):
-    """Pre-norm attention and MLP blocks, each followed by a plain residual add."""
+    """Pre-norm attention and MLP blocks with residual adds.
+
+    The residual stream crosses layer boundaries un-added, as ``(hidden, residual)``: a layer
+    first adds them, so each add lands next to the RMSNorm that reads it (one fused op) even
+    when every layer is compiled on its own (see :meth:`LlamaModel.compile_regions`).
+    """
 
     def __init__(self, config: Any, options: AttentionOptions, tp: TPPlacement) -> None:
         super().__init__()
@@ -115,13 +121,18 @@ class LlamaDecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = LlamaMLP(config, tp)
 
-    def forward(self, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def forward(self, hidden: torch.Tensor, residual: torch.Tensor,
+                cos_sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(hidden, residual) [T, H] each, cos_sin [T, rot] -> (mlp output, residual)``: the
+        stream is their sum."""
+        cos, sin = split_cos_sin(cos_sin)  # [T, rot/2] each
+        hidden = hidden + residual
         residual = hidden
         hidden = self.self_attn(self.input_layernorm(hidden), cos, sin)  # [T, H]
         hidden = hidden + residual
         residual = hidden
         hidden = self.mlp(self.post_attention_layernorm(hidden))  # [T, H]
-        return hidden + residual
+        return hidden, residual
 
 
 class LlamaModel(nn.Module):
@@ -138,12 +149,31 @@ class LlamaModel(nn.Module):
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.rotary_emb = get_rope(config, head_dim_of(config))
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    def prepare(self, input_ids: torch.Tensor, positions: torch.Tensor
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(ids [T], positions [T]) -> (embeddings, zero residual) [T, H], cos_sin [T, rot]``."""
         hidden = self.embed_tokens(input_ids)  # [T, H]
-        cos, sin = self.rotary_emb(positions)  # [T, rot/2] each
+        return hidden, torch.zeros_like(hidden), self.rotary_emb.cos_sin(positions)  # x + 0 == x
+
+    def finish(self, hidden: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        """The final norm of the residual stream: ``[T, H] x 2 -> [T, H]``."""
+        return self.norm(hidden + residual)
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        return self.run_stages(input_ids, positions, self.stages)
+
+    @property
+    def stages(self) -> Stages:
+        """The plain functions of the three stages; :meth:`run_stages` may get compiled ones."""
+        return Stages(LlamaModel.prepare, LlamaDecoderLayer.forward, LlamaModel.finish)
+
+    def run_stages(self, input_ids: torch.Tensor, positions: torch.Tensor, stages: Stages) -> torch.Tensor:
+        """``(ids [T], positions [T]) -> hidden [T, H]`` through ``stages``: one ``layer`` function
+        serves every decoder layer, so an engine compiles one graph for all of them."""
+        hidden, residual, cos_sin = stages.prepare(self, input_ids, positions)
         for layer in self.layers:
-            hidden = layer(hidden, cos, sin)  # [T, H]
-        return self.norm(hidden)  # [T, H]
+            hidden, residual = stages.layer(layer, hidden, residual, cos_sin)  # [T, H] each
+        return stages.finish(self, hidden, residual)  # [T, H]
 
 
 def _warn_unsupported_window(config: Any) -> None:
@@ -180,6 +210,14 @@ class LlamaForCausalLM(nn.Module):
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """``input_ids [T] int64, positions [T] int64 -> hidden [T, H]``."""
         return self.model(input_ids, positions)
+
+    @property
+    def stages(self) -> Stages:
+        return self.model.stages
+
+    def run_stages(self, input_ids: torch.Tensor, positions: torch.Tensor, stages: Stages) -> torch.Tensor:
+        """:meth:`forward` with each stage run by ``stages`` (see :meth:`LlamaModel.run_stages`)."""
+        return self.model.run_stages(input_ids, positions, stages)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """``hidden [N, H] -> logits [N, V]`` (full vocabulary on every rank)."""

@@ -116,10 +116,12 @@ def pack_in_place(tensors: list[torch.Tensor]) -> torch.Tensor:
     """One tensor holding `tensors` stacked along dim 0, with each original turned into a view of it.
 
     If they already are consecutive views of one storage (packed before), that storage is reused.
+    The pack is an ordinary tensor even under inference mode: the weights keep the dispatch keys
+    Dynamo guarded on, so a graph compiled for one layer still matches the next layer's weights.
     """
     from torch._subclasses.fake_tensor import unset_fake_temporarily
 
-    with unset_fake_temporarily(), torch.no_grad():
+    with unset_fake_temporarily(), torch.inference_mode(False), torch.no_grad():
         return _pack(tensors)
 
 

@@ -135,12 +135,20 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("cos_sin_cache", cache, persistent=False)
 
     def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        cos_sin = self.cos_sin_cache[positions]  # [T, rot]
-        cos, sin = cos_sin.chunk(2, dim=-1)  # [T, rot/2] each
-        return cos, sin
+        return split_cos_sin(self.cos_sin(positions))
+
+    def cos_sin(self, positions: torch.Tensor) -> torch.Tensor:
+        """``positions [T] -> [T, rot]``: cos then sin, one fresh tensor (see :func:`split_cos_sin`)."""
+        return self.cos_sin_cache[positions]
 
     def extra_repr(self) -> str:
         return f"head_dim={self.head_dim}, rot_dim={self.rot_dim}, max_position={self.max_position}"
+
+
+def split_cos_sin(cos_sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``[T, rot] -> (cos, sin) [T, rot/2]`` views."""
+    cos, sin = cos_sin.chunk(2, dim=-1)
+    return cos, sin
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

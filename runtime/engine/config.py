@@ -56,6 +56,10 @@ class EngineConfig:
             one before (see :mod:`.engine_loop`); same outputs as without. It takes effect where
             decode steps replay full CUDA graphs (CUDA, compiled, ``cudagraph_mode="full"``, the
             default), and changes nothing elsewhere.
+        staged_compile: compile a model that has stages (``run_stages``, see
+            :mod:`infer.models.stages`) stage by stage, one graph serving every decoder layer, where
+            no per-piece CUDA graphs are captured (the default full decode graphs, or none);
+            ``False`` compiles the whole forward as one graph. Same numbers either way.
         compile_cache_dir: where compiled graphs are saved and reloaded across processes
             (:mod:`infer.compiler.cache`): ``None`` takes ``$INFER_COMPILE_CACHE_DIR`` or
             ``~/.cache/infer/compile``; ``""`` turns the cache off.
@@ -78,6 +82,7 @@ class EngineConfig:
     enforce_eager: bool = False
     cudagraph_capture_sizes: tuple[int, ...] = ()
     async_scheduling: bool = True
+    staged_compile: bool = True
     compile_cache_dir: str | None = None
 
     def __post_init__(self) -> None:
@@ -111,7 +116,8 @@ class EngineConfig:
                              f"max_num_seqs={self.max_num_seqs}")
         if not 0.0 < self.gpu_memory_utilization <= 1.0:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization!r}")
-        for name in ("enable_prefix_caching", "enable_chunked_prefill", "compile", "enforce_eager", "async_scheduling"):
+        for name in ("enable_prefix_caching", "enable_chunked_prefill", "compile", "enforce_eager", "async_scheduling",
+                     "staged_compile"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
         sizes = self.cudagraph_capture_sizes

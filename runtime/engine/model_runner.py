@@ -9,6 +9,7 @@ import torch
 from torch import Tensor, nn
 from torch._dynamo.decorators import mark_unbacked
 
+from ...compiler.stages import compile_stages, lookup_stages, store_stages
 from ..attention import AttentionMetadata, forward_context
 from .config import EngineConfig
 from .decode_buffers import DecodeBuffers
@@ -64,7 +65,14 @@ class ModelRunner:
         self.full_graph = bool(self.capture_sizes) and options.get("cudagraph_mode") == "full"
         if self.full_graph:
             options = dict(options, cudagraph_mode="none")
-        if config.compile:
+        # Stage by stage: one graph for every decoder layer (compiles ~layers times faster); only
+        # where no per-piece graphs are captured, as those would hold the first layer's weights.
+        self.staged = (config.compile and config.staged_compile and hasattr(model, "run_stages")
+                       and options.get("cudagraph_mode", "none") == "none")
+        if self.staged:
+            self._stages = compile_stages(model.stages, options)
+            self._forward = self._staged_forward
+        elif config.compile:
             self._forward = torch.compile(model.forward, backend="infer", options=options)
         self._compile_options = options
         self._cache_dir = config.resolved_compile_cache_dir
@@ -172,6 +180,9 @@ class ModelRunner:
                 return self._first_compiled_forward(input_ids, positions)
             return self._forward(input_ids, positions)
 
+    def _staged_forward(self, input_ids: Tensor, positions: Tensor) -> Tensor:
+        return self.model.run_stages(input_ids, positions, self._stages)
+
     def _first_compiled_forward(self, input_ids: Tensor, positions: Tensor) -> Tensor:
         """Load the compiled graph from the compile cache, or compile it and store it there.
 
@@ -181,7 +192,9 @@ class ModelRunner:
         from .. import distributed
         self._cache_pending = False
         key = cache.cache_key(self.model, self._compile_options,
-                              extra=f"tp {distributed.tp_rank()}/{distributed.tp_size()}")
+                              extra=f"tp {distributed.tp_rank()}/{distributed.tp_size()} staged {self.staged}")
+        if self.staged:
+            return self._first_staged_forward(key, input_ids, positions)
         loaded = cache.lookup(self._cache_dir, key, self.model)
         if loaded is not None:
             self._forward = loaded
@@ -189,6 +202,17 @@ class ModelRunner:
         with cache.recording() as rec:
             out = self._forward(input_ids, positions)
         cache.store(self._cache_dir, key, rec, self.model.forward, out)
+        return out
+
+    def _first_staged_forward(self, key: str, input_ids: Tensor, positions: Tensor) -> Tensor:
+        from ...compiler import cache
+        loaded = lookup_stages(self._cache_dir, key)
+        if loaded is not None:
+            self._stages = loaded
+            return self._forward(input_ids, positions)
+        with cache.recording() as rec:
+            out = self._forward(input_ids, positions)
+        store_stages(self._cache_dir, key, rec, self.model.stages)
         return out
 
     @torch.inference_mode()

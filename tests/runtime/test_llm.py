@@ -87,9 +87,17 @@ def test_greedy_matches_transformers(tiny, kind, inner):
     assert [o.prompt_token_ids for o in outputs] == PROMPTS
     assert all(o.finish_reason == "length" and o.error is None for o in outputs)
     compiled = compilation_count() - before
-    assert (1 <= compiled <= 2) if inner else compiled == 0  # one dynamic-T graph (+ a T=1 one at most)
+    assert compiled == (3 if inner else 0)  # prepare, one dynamic-T graph for every layer, finish
     assert token_ids(llm.generate(PROMPTS[::-1], GREEDY, use_tqdm=False)) == expected[::-1]
     assert compilation_count() - before == compiled  # new batch shapes reuse the graphs
+
+
+def test_whole_forward_compile_matches_transformers_too(tiny):
+    folder, expected = tiny["qwen3"]
+    llm = make_llm(folder, "eager", block_size=4, staged_compile=False)
+    before = compilation_count()
+    assert token_ids(llm.generate(PROMPTS, GREEDY, use_tqdm=False)) == expected
+    assert compilation_count() - before == 1  # one graph for the whole forward
 
 
 @pytest.mark.gpu

@@ -1,0 +1,150 @@
+"""Compile a model stage by stage (:class:`infer.models.stages.Stages`).
+
+Dynamo traces each stage function once, with the module's weights as graph inputs
+(``inline_inbuilt_nn_modules``), so one graph serves every decoder layer: tracing, AOT and the
+inner compiler cost one layer instead of the whole stack. The residual stream crosses stage
+boundaries un-added, so every fusion a whole-model graph finds lies inside one stage.
+
+Only for graphs without per-graph CUDA-graph capture (``cudagraph_mode="none"``): piecewise
+graphs are captured with the first module's weights and would not replay for the others. An
+engine capturing whole steps (full decode graphs) is the intended user.
+"""
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import inspect
+import logging
+import os
+from pathlib import Path
+from typing import Any, Callable, Iterator, Mapping
+
+import torch
+from torch._dynamo.decorators import mark_unbacked
+
+from ..models.stages import Stages
+from . import cache
+from .errors import InferUsageError
+from .inner import call_boxed
+
+logger = logging.getLogger("infer")
+
+_STAGE: contextvars.ContextVar[str | None] = contextvars.ContextVar("infer_stage", default=None)
+
+
+def current_stage() -> str | None:
+    """The name of the stage whose compiled function is running, if any (read by the cache recorder)."""
+    return _STAGE.get()
+
+
+@contextlib.contextmanager
+def running_stage(name: str) -> Iterator[None]:
+    token = _STAGE.set(name)
+    try:
+        yield
+    finally:
+        _STAGE.reset(token)
+
+
+class CompiledStage:
+    """``torch.compile(fn, backend="infer")`` called as ``stage(module, *tensors)``.
+
+    Dim 0 (tokens) of every tensor argument is unbacked, as for a whole forward: one graph serves
+    every token count, with no 0/1 specialisation. One compiled function for all modules keeps
+    one Dynamo cache entry: its guards check the module's type and tensors, not its identity.
+    """
+
+    def __init__(self, name: str, fn: Callable, options: Mapping[str, Any]) -> None:
+        self.name = name
+        self.fn = fn
+        self.compiled = torch.compile(fn, backend="infer", options=dict(options))
+
+    def __call__(self, module: torch.nn.Module, *args: Any) -> Any:
+        for a in args:
+            if isinstance(a, torch.Tensor) and a.dim() > 0:
+                mark_unbacked(a, 0)
+        with running_stage(self.name):
+            out = self.compiled(module, *args)
+        rec = cache.current_recording()
+        if rec is not None:
+            rec.stage_tuples[self.name] = isinstance(out, tuple)
+        return out
+
+    def __repr__(self) -> str:
+        return f"CompiledStage({self.name}: {getattr(self.fn, '__qualname__', self.fn)!r})"
+
+
+def compile_stages(stages: Stages, options: Mapping[str, Any]) -> Stages:
+    """Each stage of ``stages`` compiled on its own with backend options ``options``."""
+    if options.get("cudagraph_mode", "none") != "none":
+        raise InferUsageError(
+            f"stage-by-stage compilation needs cudagraph_mode='none' (got {options['cudagraph_mode']!r}): "
+            "CUDA graphs captured per piece hold the first module's weights; capture whole steps instead")
+    return Stages(*(CompiledStage(name, fn, options) for name, fn in zip(Stages._fields, stages)))
+
+
+def store_stages(directory: str | os.PathLike, key: str, rec: cache.Recording, stages: Stages) -> Path | None:
+    """Save the graphs `rec` holds, one per stage of `stages` (the plain functions that were
+    compiled), as one entry for `key`; None (logged) when they cannot be cached."""
+    problems = list(rec.problems)
+    if cache.graph_breaks() != rec.graph_breaks:
+        problems.append("Dynamo broke a graph")
+    saved = {}
+    for name, fn in zip(Stages._fields, stages):
+        graphs = [g for g in rec.graphs if g["stage"] == name]
+        if len(graphs) != 1 or name not in rec.stage_tuples:
+            problems.append(f"stage {name!r}: {len(graphs)} graphs were compiled, not 1")
+            continue
+        args = [p.name for p in inspect.signature(fn).parameters.values()][1:]  # after the module
+        problems += [f"stage {name!r}: graph input from {b['arg']!r}, which is not a parameter"
+                     for b in graphs[0]["inputs"] if b["kind"] in ("input", "size") and b["arg"] not in args]
+        if not rec.stage_tuples[name] and graphs[0]["outputs"] != 1:
+            problems.append(f"stage {name!r} returned {graphs[0]['outputs']} tensors outside a tuple")
+        saved[name] = dict(graphs[0], args=args, tuple=rec.stage_tuples[name])
+    if len(rec.graphs) != len(saved):
+        problems.append(f"{len(rec.graphs)} graphs for {len(Stages._fields)} stages")
+    if problems:
+        logger.warning("compile cache: not storing %s: %s", key[:12], "; ".join(problems))
+        return None
+    return cache.write_entry(directory, key, {"stages": saved})
+
+
+def lookup_stages(directory: str | os.PathLike, key: str) -> Stages | None:
+    """The stages saved for `key`, each compiled once and bound to a module at its first call
+    with it; None if absent or unusable (warned)."""
+    def load(data: dict) -> Stages:
+        return Stages(*(CachedStage(name, data["stages"][name]) for name in Stages._fields))
+    return cache.load_entry(directory, key, load)
+
+
+class CachedStage:
+    """A saved stage graph called as ``stage(module, *args)``, without Dynamo.
+
+    Bound to each module at its first call: its tensors are checked against the entry and its
+    weight packs made (its weights become views of them, as in a cold compile).
+    """
+
+    def __init__(self, name: str, data: dict) -> None:
+        self.name = name
+        self.bindings = data["inputs"]
+        self.args = data["args"]
+        self.tuple = data["tuple"]
+        self.compiled, self.report = cache.compile_entry(data, [])
+        self._bound: dict[int, tuple] = {}  # id(module) -> (module, feeds, constants, checks)
+
+    def __call__(self, module: torch.nn.Module, *args: Any) -> Any:
+        bound = self._bound.get(id(module))
+        if bound is None or bound[0] is not module:
+            bound = self._bound[id(module)] = (module, *cache.bind(self.bindings, self.args, module))
+        _, feeds, constants, checks = bound
+        if len(args) != len(self.args):
+            raise TypeError(f"stage {self.name!r} takes {len(self.args)} arguments ({', '.join(self.args)}), "
+                            f"got {len(args)}")
+        cache.check_args(checks, self.args, args)
+        flat = [cache.feed(f, args) for f in feeds] + constants
+        with torch.no_grad():
+            out = call_boxed(self.compiled, flat)
+        return tuple(out) if self.tuple else out[0]
+
+    def __repr__(self) -> str:
+        return f"CachedStage({self.name}, {len(self._bound)} modules bound)"
