@@ -98,11 +98,20 @@ class Recording:
         inputs = _dynamo_inputs(gm, example_inputs, self.problems)
         stage = current_stage()
 
+        entry: dict = {}
+
         def record(transformed: fx.GraphModule, recipes: list) -> None:
             try:
-                self.graphs.append(dict(_entry(transformed, inputs, recipes, config, report), stage=stage))
+                entry.update(_entry(transformed, inputs, recipes, config, report), stage=stage)
+                self.graphs.append(entry)
             except Unsupported as e:
                 self.problems.append(str(e))
+
+        def attach(compiled: Callable) -> None:
+            """The callable Dynamo runs for the graph (Dynamo's inputs, packs added inside)."""
+            if entry:
+                entry["runtime"] = compiled
+        record.attach = attach
         return record
 
 
@@ -140,7 +149,12 @@ def store(directory: str | os.PathLike, key: str, rec: Recording, forward: Calla
     if problems:
         logger.warning("compile cache: not storing %s: %s", key[:12], "; ".join(problems))
         return None
-    return write_entry(directory, key, dict(rec.graphs[0], args=args))
+    return write_entry(directory, key, dict(saved_form(rec.graphs[0]), args=args))
+
+
+def saved_form(graph: dict) -> dict:
+    """A recorded graph without what is not saved (its callable in this process)."""
+    return {k: v for k, v in graph.items() if k != "runtime"}
 
 
 def write_entry(directory: str | os.PathLike, key: str, data: dict) -> Path:

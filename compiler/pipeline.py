@@ -44,6 +44,8 @@ def compile_graph(gm: fx.GraphModule, example_inputs: Sequence, config: Compiler
     compiled = aot_autograd(fw_compiler=compile_inference, inference_compiler=compile_inference,
                             decompositions=decomposition_table(),
                             keep_inference_input_mutations=True)(gm, example_inputs)
+    if record is not None:
+        record.attach(compiled)
     report.time_total_s = time.perf_counter() - start
     report.time_aot_s = report.time_total_s - transform_s
     REPORTS.publish(report, frames_before)

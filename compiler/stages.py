@@ -100,13 +100,26 @@ def store_stages(directory: str | os.PathLike, key: str, rec: cache.Recording, s
                      for b in graphs[0]["inputs"] if b["kind"] in ("input", "size") and b["arg"] not in args]
         if not rec.stage_tuples[name] and graphs[0]["outputs"] != 1:
             problems.append(f"stage {name!r} returned {graphs[0]['outputs']} tensors outside a tuple")
-        saved[name] = dict(graphs[0], args=args, tuple=rec.stage_tuples[name])
+        saved[name] = dict(cache.saved_form(graphs[0]), args=args, tuple=rec.stage_tuples[name])
     if len(rec.graphs) != len(saved):
         problems.append(f"{len(rec.graphs)} graphs for {len(Stages._fields)} stages")
     if problems:
         logger.warning("compile cache: not storing %s: %s", key[:12], "; ".join(problems))
         return None
     return cache.write_entry(directory, key, {"stages": saved})
+
+
+def direct_stages(rec: cache.Recording, stages: Stages) -> Stages | None:
+    """The stages `rec` recorded (see :func:`store_stages`), called without Dynamo's guards from
+    now on; None unless every stage has exactly one graph with its callable."""
+    direct = []
+    for name, fn in zip(Stages._fields, stages):
+        graphs = [g for g in rec.graphs if g["stage"] == name]
+        if len(graphs) != 1 or "runtime" not in graphs[0] or name not in rec.stage_tuples:
+            return None
+        args = [p.name for p in inspect.signature(fn).parameters.values()][1:]
+        direct.append(DirectStage(name, graphs[0], args, rec.stage_tuples[name]))
+    return Stages(*direct)
 
 
 def lookup_stages(directory: str | os.PathLike, key: str) -> Stages | None:
@@ -148,3 +161,33 @@ class CachedStage:
 
     def __repr__(self) -> str:
         return f"CachedStage({self.name}, {len(self._bound)} modules bound)"
+
+
+class DirectStage:
+    """A stage compiled in this process, called as ``stage(module, *args)`` with the inputs Dynamo
+    would pass, without evaluating its guards (each call of a guarded frame costs ~0.1 ms of host
+    time, for every layer of every uncaptured step). Weight packs are made inside the callable."""
+
+    def __init__(self, name: str, graph: dict, args: list[str], is_tuple: bool) -> None:
+        self.name = name
+        self.compiled = graph["runtime"]
+        self.bindings = [b for b in graph["inputs"] if b["kind"] != "pack"]
+        self.args = args
+        self.tuple = is_tuple
+        self._bound: dict[int, tuple] = {}  # id(module) -> (module, feeds, checks)
+
+    def __call__(self, module: torch.nn.Module, *args: Any) -> Any:
+        bound = self._bound.get(id(module))
+        if bound is None or bound[0] is not module:
+            feeds, _, checks = cache.bind(self.bindings, self.args, module)
+            bound = self._bound[id(module)] = (module, feeds, checks)
+        _, feeds, checks = bound
+        if len(args) != len(self.args):
+            raise TypeError(f"stage {self.name!r} takes {len(self.args)} arguments ({', '.join(self.args)}), "
+                            f"got {len(args)}")
+        cache.check_args(checks, self.args, args)
+        out = self.compiled(*[cache.feed(f, args) for f in feeds])  # as Dynamo calls it
+        return tuple(out) if self.tuple else out[0]
+
+    def __repr__(self) -> str:
+        return f"DirectStage({self.name}, {len(self._bound)} modules bound)"

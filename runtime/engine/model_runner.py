@@ -9,7 +9,7 @@ import torch
 from torch import Tensor, nn
 from torch._dynamo.decorators import mark_unbacked
 
-from ...compiler.stages import compile_stages, lookup_stages, store_stages
+from ...compiler.stages import compile_stages, direct_stages, lookup_stages, store_stages
 from ..attention import AttentionMetadata, forward_context
 from .config import EngineConfig
 from .decode_buffers import DecodeBuffers
@@ -76,7 +76,9 @@ class ModelRunner:
             self._forward = torch.compile(model.forward, backend="infer", options=options)
         self._compile_options = options
         self._cache_dir = config.resolved_compile_cache_dir
-        self._cache_pending = config.compile and self._cache_dir is not None
+        # The first compiled call loads from (or stores to) the compile cache; staged, it also
+        # switches to calling the stage graphs without Dynamo's guards.
+        self._cache_pending = config.compile and (self._cache_dir is not None or self.staged)
         self.decode_buffers: dict[int, DecodeBuffers] = {}
         self.decode_graphs: dict[int, StepGraph] = {}
 
@@ -206,13 +208,15 @@ class ModelRunner:
 
     def _first_staged_forward(self, key: str, input_ids: Tensor, positions: Tensor) -> Tensor:
         from ...compiler import cache
-        loaded = lookup_stages(self._cache_dir, key)
+        loaded = None if self._cache_dir is None else lookup_stages(self._cache_dir, key)
         if loaded is not None:
             self._stages = loaded
             return self._forward(input_ids, positions)
         with cache.recording() as rec:
             out = self._forward(input_ids, positions)
-        store_stages(self._cache_dir, key, rec, self.model.stages)
+        if self._cache_dir is not None:
+            store_stages(self._cache_dir, key, rec, self.model.stages)
+        self._stages = direct_stages(rec, self.model.stages) or self._stages  # no guards per call from now on
         return out
 
     @torch.inference_mode()

@@ -10,7 +10,8 @@ import torch
 import infer.compiler as ic
 from infer.compiler import cache
 from infer.compiler.report import REPORTS
-from infer.compiler.stages import CachedStage, CompiledStage, compile_stages, lookup_stages, store_stages
+from infer.compiler.stages import (CachedStage, CompiledStage, DirectStage, compile_stages, direct_stages,
+                                   lookup_stages, store_stages)
 from infer.runtime.attention import forward_context
 sys.path.insert(0, str(Path(__file__).parent))
 from test_cache import EAGER, _caches, _model, _steps  # noqa: E402
@@ -133,3 +134,30 @@ def test_a_stage_that_breaks_its_graph_is_not_stored(tmp_path, caplog):
         assert store_stages(tmp_path, "0" * 64, rec, stages._replace(finish=finish)) is None
     assert any("not storing" in r.getMessage() for r in caplog.records)
     assert not list(tmp_path.iterdir())
+
+
+def test_direct_stages_skip_guards_and_equal_the_dynamo_path():
+    model = _model(layers=LAYERS)
+    stages = compile_stages(model.stages, EAGER)
+    first, *rest = _steps()
+    with cache.recording() as rec:
+        _call(model, stages, first)
+    direct = direct_stages(rec, model.stages)
+    assert all(isinstance(s, DirectStage) for s in direct)
+    frames = REPORTS.frames_compiled()
+    for step in rest:
+        via_dynamo = _call(model, stages, step)
+        torch.testing.assert_close(_call(model, direct, step), via_dynamo, rtol=0, atol=0)
+    assert REPORTS.frames_compiled() == frames
+    assert len(direct.layer._bound) == LAYERS  # each layer's weights fed from its own module
+    ids, pos, md = first
+    with forward_context(md), torch.inference_mode(), pytest.raises(ValueError, match="input_ids"):
+        direct.prepare(model.model, ids.float(), pos)
+
+
+def test_no_direct_stages_without_one_graph_per_stage():
+    model = _model(layers=LAYERS)
+    stages = compile_stages(model.stages, EAGER)
+    with cache.recording() as rec:
+        _call(model, stages._replace(finish=model.stages.finish), _steps()[0])  # finish ran eager
+    assert direct_stages(rec, model.stages) is None

@@ -11,6 +11,7 @@ import torch
 import transformers
 
 from infer.compiler import compilation_count, last_report
+from infer.compiler.stages import DirectStage
 from infer.compiler.report import REPORTS
 from infer.runtime import LLM, RequestOutput, SamplingParams
 from infer.runtime.engine.config import EngineConfig
@@ -88,6 +89,8 @@ def test_greedy_matches_transformers(tiny, kind, inner):
     assert all(o.finish_reason == "length" and o.error is None for o in outputs)
     compiled = compilation_count() - before
     assert compiled == (3 if inner else 0)  # prepare, one dynamic-T graph for every layer, finish
+    if inner:  # after the first compiled call, stages run without Dynamo's guards
+        assert all(isinstance(s, DirectStage) for s in llm.runner._stages)
     assert token_ids(llm.generate(PROMPTS[::-1], GREEDY, use_tqdm=False)) == expected[::-1]
     assert compilation_count() - before == compiled  # new batch shapes reuse the graphs
 
