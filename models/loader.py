@@ -1,29 +1,37 @@
 """Build a model from a Hugging Face checkpoint folder (``config.json`` + ``*.safetensors``).
 
 Parameter names are HF's own, so checkpoint names map one to one; each parameter's
-``weight_loader`` narrows the full tensor to this rank's tensor-parallel shard.
+``weight_loader`` narrows the full tensor to this rank's tensor-parallel shard. The bytes move
+through :mod:`.checkpoint` (streamed through pinned staging buffers on CUDA).
+
+The model is built with :func:`skip_param_init`: parameters are not randomly initialised, since the
+checkpoint overwrites every one of them (the checkpoint reader rejects checkpoints that lack one).
 """
 from __future__ import annotations
 
-import json
 import logging
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
 from torch import nn
 
-from .layers.linear import default_weight_loader
+from .checkpoint import checkpoint_files, load_weights, stream_weights
 from .registry import model_class_for
+
+__all__ = ["checkpoint_files", "default_dtype", "load_model", "load_weights", "resolve_dtype", "skip_param_init",
+           "stream_weights"]
 
 logger = logging.getLogger(__name__)
 
-INDEX_FILE = "model.safetensors.index.json"
-SKIPPED_SUFFIXES = ("rotary_emb.inv_freq",)  # buffers some old checkpoints still carry
-MAX_LISTED = 8  # names shown in an error message
+# torch.nn.init functions made no-ops for parameters while a model is built (skip_param_init)
+INIT_FUNCTIONS = (
+    "uniform_", "normal_", "trunc_normal_", "constant_", "ones_", "zeros_", "eye_", "dirac_",
+    "xavier_uniform_", "xavier_normal_", "kaiming_uniform_", "kaiming_normal_", "orthogonal_", "sparse_",
+)
 
 
 def resolve_dtype(dtype: torch.dtype | str | None, config: Any) -> torch.dtype:
@@ -52,63 +60,39 @@ def default_dtype(dtype: torch.dtype) -> Iterator[None]:
         torch.set_default_dtype(previous)
 
 
-def checkpoint_files(path: Path) -> list[Path]:
-    """The safetensors files of a checkpoint folder, from the index when there is one."""
-    index = path / INDEX_FILE
-    if index.is_file():
-        weight_map = json.loads(index.read_text())["weight_map"]
-        files = [path / name for name in sorted(set(weight_map.values()))]
-        absent = [str(f.name) for f in files if not f.is_file()]
-        if absent:
-            raise FileNotFoundError(f"{index} lists shard files that do not exist: {absent[:MAX_LISTED]}")
-        return files
-    files = sorted(path.glob("*.safetensors"))
-    if not files:
-        raise FileNotFoundError(f"no *.safetensors files in {path} (only safetensors checkpoints are supported)")
-    return files
+@contextmanager
+def skip_param_init() -> Iterator[None]:
+    """Make ``torch.nn.init``'s in-place initialisers no-ops on ``nn.Parameter``s (restored on exit).
 
+    ``reset_parameters`` of ``nn.Linear``/``nn.Embedding`` and the like go through these, so a model
+    built inside allocates its parameters without filling them: the checkpoint overwrites every one.
+    Plain tensors and buffers are still initialised (a buffer computed in ``__init__`` keeps its
+    values). The patch is process-wide while it lasts, as transformers' ``no_init_weights`` is.
+    """
+    originals = {name: getattr(nn.init, name) for name in INIT_FUNCTIONS if hasattr(nn.init, name)}
 
-def _listing(names: list[str]) -> str:
-    more = f" (and {len(names) - MAX_LISTED} more)" if len(names) > MAX_LISTED else ""
-    return ", ".join(names[:MAX_LISTED]) + more
+    def skipping(original: Callable[..., Any]) -> Callable[..., Any]:
+        def init(tensor: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+            return tensor if isinstance(tensor, nn.Parameter) else original(tensor, *args, **kwargs)
 
+        return init
 
-def _check_names(model: nn.Module, names: set[str]) -> None:
-    """Raise ValueError for checkpoint tensors with no parameter, or parameters with no tensor."""
-    by_name = dict(model.named_parameters(remove_duplicate=False))
-    unexpected = sorted(n for n in names if n not in by_name and not n.endswith(SKIPPED_SUFFIXES))
-    if unexpected:
-        raise ValueError(f"checkpoint has {len(unexpected)} unexpected weights: {_listing(unexpected)}")
-    provided = {id(by_name[n]) for n in names if n in by_name}
-    missing = [n for n, p in model.named_parameters() if id(p) not in provided]
-    if missing:
-        raise ValueError(f"checkpoint is missing {len(missing)} weights: {_listing(missing)}")
-
-
-def load_weights(model: nn.Module, files: list[Path]) -> None:
-    """Copy every checkpoint tensor into its parameter through the parameter's weight_loader."""
-    names: set[str] = set()
-    for file in files:
-        with safe_open(str(file), framework="pt", device="cpu") as f:
-            names.update(f.keys())
-    _check_names(model, names)
-    params = dict(model.named_parameters(remove_duplicate=False))
-    for file in files:
-        with safe_open(str(file), framework="pt", device="cpu") as f:
-            for name in f.keys():
-                if name not in params:
-                    continue  # skipped buffer, already vetted by _check_names
-                param = params[name]
-                loader = getattr(param, "weight_loader", default_weight_loader)
-                try:
-                    loader(param, f.get_tensor(name))
-                except ValueError as e:
-                    raise ValueError(f"checkpoint tensor {name!r} in {file.name}: {e}") from e
+    for name, original in originals.items():
+        setattr(nn.init, name, skipping(original))
+    try:
+        yield
+    finally:
+        for name, original in originals.items():
+            setattr(nn.init, name, original)
 
 
 @torch.no_grad()  # not inference_mode: the parameters must stay ordinary tensors for the compiler
 def load_model(
-    path: str | Path, dtype: torch.dtype | str | None = None, device: torch.device | str = "cpu"
+    path: str | Path,
+    dtype: torch.dtype | str | None = None,
+    device: torch.device | str = "cpu",
+    *,
+    fast: bool | None = None,
 ) -> tuple[nn.Module, Any]:
     """Build the model a HF checkpoint folder describes and load its weights.
 
@@ -117,9 +101,12 @@ def load_model(
             (sharded checkpoints through ``model.safetensors.index.json``).
         dtype: parameter dtype; ``None``/``"auto"`` takes the config's dtype, else float32.
         device: where parameters and buffers live.
+        fast: :func:`stream_weights` (True) or :func:`load_weights` (False); ``None``: stream
+            on CUDA, the simple path elsewhere.
     Returns:
         ``(model, hf_config)`` with the model in eval mode.
     """
+    start = time.perf_counter()
     path = Path(path)
     if not path.is_dir():
         raise FileNotFoundError(f"checkpoint folder {str(path)!r} does not exist or is not a directory")
@@ -132,9 +119,17 @@ def load_model(
     files = checkpoint_files(path)
     dtype = resolve_dtype(dtype, config)
     device = torch.device(device)
-    with torch.device(device), default_dtype(dtype):
+    if fast is None:
+        fast = device.type == "cuda"
+    with torch.device(device), default_dtype(dtype), skip_param_init():
         model = model_cls(config)
     model.to(device)  # buffers computed on CPU on purpose (rotary tables) follow the parameters
-    load_weights(model, files)
-    logger.info("loaded %s from %s (%d files, %s, %s)", model_cls.__name__, path, len(files), dtype, device)
+    built = time.perf_counter()
+    loaded = stream_weights(model, files) if fast else load_weights(model, files)
+    seconds = time.perf_counter() - start
+    logger.info(
+        "loaded %s from %s (%d files, %s, %s) in %.2f s: %.2f GB at %.2f GB/s (build %.2f s, %s path)",
+        model_cls.__name__, path, len(files), dtype, device, seconds, loaded / 1e9, loaded / 1e9 / seconds,
+        built - start, "streamed" if fast else "simple",
+    )
     return model.eval(), config
