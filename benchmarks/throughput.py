@@ -35,8 +35,9 @@ from .hf_baselines import save_checkpoint
 
 logger = logging.getLogger(__name__)
 
-LLM_MODES = {  # name -> infer.LLM keyword arguments (on CUDA the engine adds piecewise graphs by default)
+LLM_MODES = {  # name -> infer.LLM keyword arguments (on CUDA the engine captures full decode graphs by default)
     "inductor": {"compile_options": {"inner_compiler": "inductor"}},
+    "inductor-whole": {"compile_options": {"inner_compiler": "inductor"}, "staged_compile": False},
     "eager": {"compile_options": {"inner_compiler": "eager"}},
     "inductor-sync": {"compile_options": {"inner_compiler": "inductor"}, "async_scheduling": False},
     "inductor-no-graphs": {"compile_options": {"inner_compiler": "inductor"}, "enforce_eager": True},

@@ -100,12 +100,15 @@ class Recording:
 
         entry: dict = {}
 
-        def record(transformed: fx.GraphModule, recipes: list) -> None:
+        def record(transformed: fx.GraphModule, recipes: list) -> bool:
+            """Whether the graph could be recorded (it can be saved)."""
             try:
                 entry.update(_entry(transformed, inputs, recipes, config, report), stage=stage)
-                self.graphs.append(entry)
             except Unsupported as e:
                 self.problems.append(str(e))
+                return False
+            self.graphs.append(entry)
+            return True
 
         def attach(compiled: Callable) -> None:
             """The callable Dynamo runs for the graph (Dynamo's inputs, packs added inside)."""
@@ -308,24 +311,61 @@ def compile_entry(data: dict, constants: list) -> tuple[Callable, Any]:
     by the returned callable (none: the caller appends them). Returns (callable, report)."""
     from .pipeline import compile_transformed
     from .report import REPORTS, CompileReport
-    from .split import piece_inputs
 
     config = CompilerConfig.from_options(data["config"])
-    eager = config.inner_compiler == "eager"  # Inductor reads every node's value, eager only the pieces' inputs
-    graph = load_graph(data["graph"], (lambda g: piece_inputs(g, config)) if eager else None)
-    placeholders = graph.find_nodes(op="placeholder")
-    if len(data["inputs"]) != len(placeholders):
-        raise ValueError(f"{len(data['inputs'])} input bindings for {len(placeholders)} graph inputs")
+    gm, values = reloaded(data["graph"], config)
+    if len(data["inputs"]) != len(values):
+        raise ValueError(f"{len(data['inputs'])} input bindings for {len(values)} graph inputs")
     report = CompileReport(inner_compiler=config.inner_compiler, cudagraph_mode=config.cudagraph_mode, cached=True,
                            passes=data["report"]["passes"], fusions=data["report"]["fusions"],
-                           nodes_before=data["report"]["nodes_before"], nodes_after=len(graph.nodes))
+                           nodes_before=data["report"]["nodes_before"], nodes_after=len(gm.graph.nodes))
     frames_before = REPORTS.frames_compiled()
-    gm = fx.GraphModule(torch.nn.Module(), graph)
     is_static = [b["kind"] in ("tensor", "pack") for b in data["inputs"]]
-    compiled = compile_transformed(gm, [p.meta["val"] for p in placeholders], is_static, constants, config, report)
+    with fresh_tracing(values):
+        compiled = compile_transformed(gm, values, is_static, constants, config, report)
     report.time_total_s = report.time_inner_s
     REPORTS.publish(report, frames_before)
     return compiled, report
+
+
+def reloaded(nodes: list, config: CompilerConfig) -> tuple[fx.GraphModule, list]:
+    """A saved graph (`dump_graph`'s nodes) as a module, with the values of its inputs."""
+    from .split import piece_inputs
+
+    eager = config.inner_compiler == "eager"  # Inductor reads every node's value, eager only the pieces' inputs
+    from torch.fx._lazy_graph_module import _use_lazy_graph_module
+
+    with torch.inference_mode(False):  # values as Dynamo makes them: part of Inductor's cache key
+        graph = load_graph(nodes, (lambda g: piece_inputs(g, config)) if eager else None)
+    with _use_lazy_graph_module(False):  # one kind of module in and out of Dynamo (pickled into the key)
+        gm = fx.GraphModule(torch.nn.Module(), graph)
+    return gm, [p.meta["val"] for p in graph.find_nodes(op="placeholder")]
+
+
+def same_as_reloaded(gm: fx.GraphModule, config: CompilerConfig) -> tuple[fx.GraphModule, list]:
+    """`gm` saved and loaded again, as a later process loads it: inner-compiling this copy gives
+    Inductor's FX graph cache the key a warm load will ask for."""
+    return reloaded(json.loads(json.dumps(dump_graph(gm.graph))), config)
+
+
+@contextlib.contextmanager
+def fresh_tracing(values: list) -> Iterator[None]:
+    """A new tracing context around the fake mode of `values` (none found: no context), and plain
+    (not lazy) graph modules. Inductor bypasses its FX graph cache without a tracing context ("No
+    shape env"); a context of its own, and one module kind (their attributes are pickled into the
+    key), give a compile inside Dynamo the key a warm load outside it asks for."""
+    from torch._guards import TracingContext, tracing
+    from torch._subclasses.fake_tensor import FakeTensor, unset_fake_temporarily
+
+    # the values' own mode: detect_fake_mode would prefer that of the tracing context already open
+    mode = next((v.fake_mode for v in values if isinstance(v, FakeTensor)), None)
+    if mode is None:
+        yield
+        return
+    from torch.fx._lazy_graph_module import _use_lazy_graph_module
+
+    with unset_fake_temporarily(), tracing(TracingContext(mode)), _use_lazy_graph_module(False):
+        yield
 
 
 def bind(bindings: list[dict], args: list[str], module: torch.nn.Module) -> tuple[list, list, dict]:

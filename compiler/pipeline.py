@@ -10,7 +10,7 @@ from torch import fx
 
 from ..passes.base import PassContext
 from ..passes.manager import PassManager
-from .cache import current_recording
+from .cache import current_recording, fresh_tracing, same_as_reloaded
 from .config import CompilerConfig
 from .errors import InferUsageError
 from .inner import call_boxed, decomposition_table, is_parameter_input
@@ -66,8 +66,7 @@ def _transform_and_compile(gm: fx.GraphModule, example_inputs: Sequence, static:
     gm.recompile()
     report.time_passes_s = time.perf_counter() - start
     report.nodes_after = len(gm.graph.nodes)
-    if record is not None:
-        record(gm, context.extra_recipes)  # the compile cache saves the graph before the split
+    saved = record(gm, context.extra_recipes) if record is not None else False  # the graph before the split
 
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     is_static = [n.name in context.static_inputs for n in placeholders]
@@ -75,7 +74,13 @@ def _transform_and_compile(gm: fx.GraphModule, example_inputs: Sequence, static:
     index = {n.name: i for i, n in enumerate(placeholders[:len(example_inputs)])}
     sources = [tuple(index[name] for name in recipe[1]) if recipe and recipe[0] == "pack" else None
                for recipe in context.extra_recipes]
-    return compile_transformed(gm, inputs, is_static, context.extra_inputs, config, report, sources)
+    if not saved:
+        return compile_transformed(gm, inputs, is_static, context.extra_inputs, config, report, sources)
+    # Compile what a warm load will compile, so that the inner compiler's own caches (Inductor's
+    # FX graph cache) hold it: a later process then skips lowering and code generation.
+    gm, inputs = same_as_reloaded(gm, config)
+    with fresh_tracing(inputs):
+        return compile_transformed(gm, inputs, is_static, context.extra_inputs, config, report, sources)
 
 
 def compile_transformed(gm: fx.GraphModule, example_inputs: Sequence, is_static: list[bool], constants: list,

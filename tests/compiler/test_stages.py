@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch._dynamo.utils import counters
 
 import infer.compiler as ic
 from infer.compiler import cache
@@ -92,10 +93,13 @@ def test_warm_stages_equal_cold_without_dynamo(tmp_path, inner):
     torch._dynamo.reset()
     warm_model = _model(layers=LAYERS)
     frames = REPORTS.frames_compiled()
+    hits = counters["inductor"]["fxgraph_cache_hit"]
     stages = lookup_stages(tmp_path, key)
     assert all(isinstance(s, CachedStage) for s in stages)
     warm = [_call(warm_model, stages, step) for step in _steps()]
     assert REPORTS.frames_compiled() == frames  # Dynamo never ran
+    if inner == "inductor":  # the cold compile filled Inductor's FX graph cache for exactly these pieces
+        assert counters["inductor"]["fxgraph_cache_hit"] - hits == 1 + 2 + 1  # prepare, layer (2 pieces), finish
     for a, b in zip(warm, cold):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
     for a, b in zip(_caches(warm_model), _caches(cold_model)):
