@@ -39,8 +39,9 @@ import torch
 from torch import fx
 
 from .config import CompilerConfig
-from .graph_io import Unsupported, dump_graph, load_graph
+from .graph_io import Unsupported, dump_graph
 from .inner import call_boxed
+from .reload import compile_entry
 
 logger = logging.getLogger("infer")
 
@@ -304,68 +305,6 @@ def _load(data: dict, module: torch.nn.Module) -> CachedForward:
     feeds, constants, checks = bind(data["inputs"], data["args"], module)
     compiled, report = compile_entry(data, constants)
     return CachedForward(compiled, feeds, data["args"], checks, report)
-
-
-def compile_entry(data: dict, constants: list) -> tuple[Callable, Any]:
-    """Split and inner-compile a saved graph; `constants` (weight packs) are appended to its inputs
-    by the returned callable (none: the caller appends them). Returns (callable, report)."""
-    from .pipeline import compile_transformed
-    from .report import REPORTS, CompileReport
-
-    config = CompilerConfig.from_options(data["config"])
-    gm, values = reloaded(data["graph"], config)
-    if len(data["inputs"]) != len(values):
-        raise ValueError(f"{len(data['inputs'])} input bindings for {len(values)} graph inputs")
-    report = CompileReport(inner_compiler=config.inner_compiler, cudagraph_mode=config.cudagraph_mode, cached=True,
-                           passes=data["report"]["passes"], fusions=data["report"]["fusions"],
-                           nodes_before=data["report"]["nodes_before"], nodes_after=len(gm.graph.nodes))
-    frames_before = REPORTS.frames_compiled()
-    is_static = [b["kind"] in ("tensor", "pack") for b in data["inputs"]]
-    with fresh_tracing(values):
-        compiled = compile_transformed(gm, values, is_static, constants, config, report)
-    report.time_total_s = report.time_inner_s
-    REPORTS.publish(report, frames_before)
-    return compiled, report
-
-
-def reloaded(nodes: list, config: CompilerConfig) -> tuple[fx.GraphModule, list]:
-    """A saved graph (`dump_graph`'s nodes) as a module, with the values of its inputs."""
-    from .split import piece_inputs
-
-    eager = config.inner_compiler == "eager"  # Inductor reads every node's value, eager only the pieces' inputs
-    from torch.fx._lazy_graph_module import _use_lazy_graph_module
-
-    with torch.inference_mode(False):  # values as Dynamo makes them: part of Inductor's cache key
-        graph = load_graph(nodes, (lambda g: piece_inputs(g, config)) if eager else None)
-    with _use_lazy_graph_module(False):  # one kind of module in and out of Dynamo (pickled into the key)
-        gm = fx.GraphModule(torch.nn.Module(), graph)
-    return gm, [p.meta["val"] for p in graph.find_nodes(op="placeholder")]
-
-
-def same_as_reloaded(gm: fx.GraphModule, config: CompilerConfig) -> tuple[fx.GraphModule, list]:
-    """`gm` saved and loaded again, as a later process loads it: inner-compiling this copy gives
-    Inductor's FX graph cache the key a warm load will ask for."""
-    return reloaded(json.loads(json.dumps(dump_graph(gm.graph))), config)
-
-
-@contextlib.contextmanager
-def fresh_tracing(values: list) -> Iterator[None]:
-    """A new tracing context around the fake mode of `values` (none found: no context), and plain
-    (not lazy) graph modules. Inductor bypasses its FX graph cache without a tracing context ("No
-    shape env"); a context of its own, and one module kind (their attributes are pickled into the
-    key), give a compile inside Dynamo the key a warm load outside it asks for."""
-    from torch._guards import TracingContext, tracing
-    from torch._subclasses.fake_tensor import FakeTensor, unset_fake_temporarily
-
-    # the values' own mode: detect_fake_mode would prefer that of the tracing context already open
-    mode = next((v.fake_mode for v in values if isinstance(v, FakeTensor)), None)
-    if mode is None:
-        yield
-        return
-    from torch.fx._lazy_graph_module import _use_lazy_graph_module
-
-    with unset_fake_temporarily(), tracing(TracingContext(mode)), _use_lazy_graph_module(False):
-        yield
 
 
 def bind(bindings: list[dict], args: list[str], module: torch.nn.Module) -> tuple[list, list, dict]:

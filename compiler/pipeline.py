@@ -10,7 +10,8 @@ from torch import fx
 
 from ..passes.base import PassContext
 from ..passes.manager import PassManager
-from .cache import current_recording, fresh_tracing, same_as_reloaded
+from .cache import current_recording
+from .reload import fresh_tracing, same_as_reloaded
 from .config import CompilerConfig
 from .errors import InferUsageError
 from .inner import call_boxed, decomposition_table, is_parameter_input

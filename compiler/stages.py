@@ -26,6 +26,7 @@ from ..models.stages import Stages
 from . import cache
 from .errors import InferUsageError
 from .inner import call_boxed
+from .reload import compile_entry
 
 logger = logging.getLogger("infer")
 
@@ -142,7 +143,7 @@ class CachedStage:
         self.bindings = data["inputs"]
         self.args = data["args"]
         self.tuple = data["tuple"]
-        self.compiled, self.report = cache.compile_entry(data, [])
+        self.compiled, self.report = compile_entry(data, [])
         self._bound: dict[int, tuple] = {}  # id(module) -> (module, feeds, constants, checks)
 
     def __call__(self, module: torch.nn.Module, *args: Any) -> Any:
