@@ -11,7 +11,7 @@ import torch
 import transformers
 
 from infer.compiler import compilation_count, last_report
-from infer.compiler.stages import DirectStage
+from infer.compiler.stages import CachedStage, DirectStage
 from infer.compiler.report import REPORTS
 from infer.runtime import LLM, RequestOutput, SamplingParams
 from infer.runtime.engine.config import EngineConfig
@@ -144,6 +144,8 @@ def test_compile_cache_serves_a_second_engine(tiny, tmp_path, kind):
     frames = dynamo_frames()
     assert token_ids(second.generate(PROMPTS, GREEDY, use_tqdm=False)) == expected
     assert last_report().cached and dynamo_frames() == frames  # loaded: Dynamo never ran
+    assert all(isinstance(s, DirectStage) for s in first.runner._stages)  # compiled here
+    assert all(isinstance(s, CachedStage) for s in second.runner._stages)  # loaded, one graph per stage
     off = make_llm(folder, "eager", block_size=4, compile_cache_dir="")
     assert off.runner._cache_dir is None
 
