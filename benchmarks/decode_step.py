@@ -17,8 +17,8 @@ import time
 import torch
 import transformers
 
-from ..models.qwen import Qwen3ForCausalLM
 from ..compiler.stages import compile_stages
+from ..models.qwen import Qwen3ForCausalLM
 from ..runtime.attention import Attention, AttentionMetadata, forward_context
 from ..runtime.engine.model_runner import StepGraph
 
