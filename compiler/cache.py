@@ -4,7 +4,8 @@ What is saved is the ATen graph the passes produced (before the split), with eac
 bound to where its value comes from at call time: a parameter or buffer of the module (by
 name), an argument of `forward`, a size of an argument, or a tensor to make again at load
 (a weight pack). Loading splits and inner-compiles that graph exactly as a cold compile does
-(`pipeline.compile_transformed`). Usage, around the first compiled call::
+(:mod:`.reload`; a cold compile being recorded compiles the same reloaded copy, so Inductor's own
+cache serves the warm load). Usage, around the first compiled call::
 
     key = cache_key(model, options, extra=f"tp {rank}/{size}")
     forward = lookup(directory, key, model)             # None: no entry, or one that is unusable
@@ -15,8 +16,10 @@ name), an argument of `forward`, a size of an argument, or a tensor to make agai
         store(directory, key, rec, model.forward, out)   # None (logged) if it cannot be cached
 
 Saved only when Dynamo made exactly one graph with no graph break, whose one output aliases no
-input and whose mutations all happen in the graph. The key covers everything the graph depends
-on that this module can see; `extra` must add the rest (tensor-parallel rank, ...).
+input and whose mutations all happen in the graph. A model compiled stage by stage saves one
+graph per stage in one entry (:mod:`.stages`: `store_stages`, `lookup_stages`). The key covers
+everything the graph depends on that this module can see; `extra` must add the rest
+(tensor-parallel rank, ...).
 """
 from __future__ import annotations
 

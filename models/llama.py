@@ -111,7 +111,7 @@ class LlamaDecoderLayer(nn.Module):
 
     The residual stream crosses layer boundaries un-added, as ``(hidden, residual)``: a layer
     first adds them, so each add lands next to the RMSNorm that reads it (one fused op) even
-    when every layer is compiled on its own (see :meth:`LlamaModel.compile_regions`).
+    when every layer is compiled on its own (see :meth:`LlamaModel.run_stages`).
     """
 
     def __init__(self, config: Any, options: AttentionOptions, tp: TPPlacement) -> None:
