@@ -132,3 +132,56 @@ def test_large_batch_keeps_old_split_choice(batch_size, width):
                      triton.cdiv(max_context, config.min_split_tokens), config.max_splits))
     assert kernels.plan_splits(batch_size, 8, max_context, H100_SMS, config) == (old, config.min_split_tokens)
     assert kernels.choose_num_splits(batch_size, 8, max_context, torch.device("cpu"), config) >= 1
+
+
+def _rope_inputs(batch, rot, seed=7):
+    """cos/sin ``[B, rot/2]`` (views of one ``[B, rot]`` table, as the model passes them) and norm args."""
+    from infer.runtime.kernels.rotary_triton import NormArgs
+    gen = torch.Generator().manual_seed(seed)
+    n, d = batch.q.shape[0], batch.q.shape[2]
+    table = torch.randn(n, rot, generator=gen).to(DEVICE)  # fp32, as the rotary cache
+    cos, sin = table.chunk(2, dim=-1)
+    qw = (torch.rand(d, generator=gen) + 0.5).to(device=DEVICE, dtype=batch.q.dtype)
+    kw = (torch.rand(d, generator=gen) + 0.5).to(device=DEVICE, dtype=batch.q.dtype)
+    dtype = batch.q.dtype
+    return cos, sin, NormArgs(qw, 1e-6, False, dtype), NormArgs(kw, 1e-6, False, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("norm", [True, False], ids=["norm", "rope_only"])
+@pytest.mark.parametrize("rot", [64, 32], ids=["full_rotary", "partial_rotary"])
+@pytest.mark.parametrize("num_splits", [1, 3])
+def test_fused_qk_norm_rope_equals_the_separate_op(dtype, norm, rot, num_splits):
+    """q/k norm + rotary inside the fused decode kernel == ``qk_rotary_triton`` then the fused kernel:
+    the same cache bits, and the same output (bit for bit on the interpreter)."""
+    from infer.runtime.kernels.rotary_triton import qk_rotary_triton
+    batch = make_batch([1] * 4, [16, 33, 9, 1], 4, 2, 64, 16, dtype=dtype, device=DEVICE, seed=5)
+    cos, sin, qn, kn = _rope_inputs(batch, rot)
+    qn, kn = (qn, kn) if norm else (None, None)
+    md = batch.md
+    q, k = qk_rotary_triton(batch.q, batch.k, cos, sin, qn, kn)
+    two_cache, fused_cache = batch.cache.clone(), batch.cache.clone()
+    expected = kernels.decode_attention_with_kv_write(q, k, batch.v, two_cache, md.slot_mapping, md.seq_lens,
+                                                      md.block_tables, 0.125, config=CONFIG, num_splits=num_splits)
+    rope = kernels.RopeArgs(cos, sin, qn, kn)
+    actual = kernels.decode_attention_with_kv_write(batch.q, batch.k, batch.v, fused_cache, md.slot_mapping,
+                                                    md.seq_lens, md.block_tables, 0.125, config=CONFIG,
+                                                    num_splits=num_splits, rope=rope)
+    torch.testing.assert_close(fused_cache, two_cache, equal_nan=True, rtol=0, atol=0)
+    torch.testing.assert_close(actual, expected, **SAME)
+    assert not torch.equal(fused_cache, batch.cache)  # the new k/v were written
+
+
+def test_fused_rope_rejects_bad_arguments():
+    batch = make_batch([1] * 2, [5, 9], 4, 2, 64, 16, device=DEVICE)
+    cos, sin, qn, kn = _rope_inputs(batch, 64)
+    md = batch.md
+    call = lambda rope: kernels.decode_attention_with_kv_write(  # noqa: E731
+        batch.q, batch.k, batch.v, batch.cache.clone(), md.slot_mapping, md.seq_lens, md.block_tables, 0.125,
+        config=CONFIG, rope=rope)
+    with pytest.raises(ValueError, match="both q_norm and k_norm"):
+        call(kernels.RopeArgs(cos, sin, qn, None))
+    with pytest.raises(ValueError, match="cos/sin must be"):
+        call(kernels.RopeArgs(torch.cat([cos, cos], 1)[:, :40], sin))
+    with pytest.raises(ValueError, match="cache's dtype"):
+        call(kernels.RopeArgs(cos, sin, type(qn)(qn.weight, qn.eps, False, torch.bfloat16), kn))
