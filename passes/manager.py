@@ -7,7 +7,6 @@ import time
 from torch import fx
 
 from ..compiler.config import CompilerConfig
-from .attention_rope import AttentionRopePass
 from .base import InferPass, PassContext
 from .defunctionalize import DefunctionalizePass
 from .fused_add_rms_norm import FusedAddRMSNormPass
@@ -31,14 +30,6 @@ FUSED_OP_KINDS = {  # op in the final graph -> the fusions it stands for
 }
 
 
-def _attention_kinds(node: fx.Node) -> tuple[str, ...]:
-    """The fusions a paged-attention call holds: its q/k norm + rotary (attention_rope pass)."""
-    if node.target._opname != "paged_attention" or len(node.args) <= 5:
-        return ()
-    qk_norm = len(node.args) > 7 and node.args[7]
-    return ("attention_rope",) + (FUSED_OP_KINDS["qk_norm_rotary"] if qk_norm else ())
-
-
 def build_passes(config: CompilerConfig, context: PassContext) -> list[InferPass]:
     """The explicit, ordered pass list for this config."""
     passes: list[InferPass] = []
@@ -55,8 +46,6 @@ def build_passes(config: CompilerConfig, context: PassContext) -> list[InferPass
     if config.fuse_linear:
         passes.append(LinearProloguePass(context))
     passes.append(DefunctionalizePass(context))  # always: keeps the KV cache written in place
-    if config.fuse_attention_rope:  # reads the direct attention calls defunctionalize leaves
-        passes.append(AttentionRopePass(context))
     return passes
 
 
@@ -87,7 +76,7 @@ class PassManager:
         """Norm and activation fusions are counted by what the final graph holds."""
         for node in graph.nodes:
             if node.op == "call_function" and getattr(node.target, "namespace", None) == "infer":
-                for kind in FUSED_OP_KINDS.get(node.target._opname, ()) + _attention_kinds(node):
+                for kind in FUSED_OP_KINDS.get(node.target._opname, ()):
                     self.context.report.count_fusion(kind)
 
     def uuid(self) -> str:

@@ -2,11 +2,7 @@
 
 Schema::
 
-    infer::paged_attention(Tensor q, Tensor k, Tensor v, Tensor(a!) kv_cache, float scale,
-                           Tensor? cos=None, Tensor? sin=None, bool qk_norm=False, ...) -> Tensor
-
-(the optional arguments fold ``infer::qk_norm_rotary`` / ``infer::rotary_embedding`` into the op;
-see :func:`paged_attention`).
+    infer::paged_attention(Tensor q, Tensor k, Tensor v, Tensor(a!) kv_cache, float scale) -> Tensor
 
 Layouts: ``q`` is ``[T, Hq*D]`` or ``[T, Hq, D]``; ``k``/``v`` are ``[T, Hkv*D]`` or
 ``[T, Hkv, D]``; ``kv_cache`` is ``[2, num_blocks, block_size, Hkv, D]`` (K at index 0, V at 1).
@@ -24,7 +20,6 @@ import functools
 import importlib.util
 import logging
 import os
-from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -115,7 +110,7 @@ def _check_metadata(metadata: AttentionMetadata, device: torch.device) -> None:
 
 
 def _run_triton(q: Tensor, k: Tensor, v: Tensor, kv_cache: Tensor, scale: float, md: AttentionMetadata,
-                use_flash: bool, rope: Rope | None = None) -> Tensor:
+                use_flash: bool) -> Tensor:
     from ..kernels import attention_triton as kernels  # lazy: importing triton is optional
 
     if q.shape[2] not in SUPPORTED_HEAD_DIMS:
@@ -123,13 +118,9 @@ def _run_triton(q: Tensor, k: Tensor, v: Tensor, kv_cache: Tensor, scale: float,
     if not use_flash and md.is_uniform_decode and q.shape[0] == md.num_seqs \
             and kernels.fuse_kv_write(md.num_seqs, kv_cache.shape[3], q.device):
         # one kernel: the decode program covering each sequence's last position also stores its k/v
-        # (and norms and rotates q and the new k first, when given raw)
         return kernels.decode_attention_with_kv_write(
-            q, k, v, kv_cache, md.slot_mapping, md.seq_lens, md.block_tables, scale,
-            rope=None if rope is None else rope.kernel_args(kv_cache.dtype),
+            q, k, v, kv_cache, md.slot_mapping, md.seq_lens, md.block_tables, scale
         )
-    if rope is not None:
-        q, k = rope.apply(q, k)
     kernels.write_kv_cache(k, v, kv_cache, md.slot_mapping)
     if use_flash:
         return attend_flash(q, kv_cache, scale, md)
@@ -140,52 +131,10 @@ def _run_triton(q: Tensor, k: Tensor, v: Tensor, kv_cache: Tensor, scale: float,
     )
 
 
-@dataclass(frozen=True, slots=True)
-class Rope:
-    """The optional arguments of ``paged_attention``: q and k arrive raw and get
-    ``infer::qk_norm_rotary`` (``qk_norm``) or ``infer::rotary_embedding`` first."""
-
-    cos: Tensor
-    sin: Tensor
-    qk_norm: bool
-    q_weight: Tensor | None
-    k_weight: Tensor | None
-    q_eps: float
-    k_eps: float
-    q_cast: bool
-    k_cast: bool
-
-    def apply(self, q: Tensor, k: Tensor) -> tuple[Tensor, Tensor]:
-        """``(q [T, Hq, D], k [T, Hkv, D])`` normed (optionally) and rotated, in their own dtypes."""
-        if not self.qk_norm:
-            return torch.ops.infer.rotary_embedding(q, k, self.cos, self.sin)
-        return torch.ops.infer.qk_norm_rotary(q, self.q_weight, self.q_eps, self.q_cast, q.dtype, k, self.k_weight,
-                                              self.k_eps, self.k_cast, k.dtype, self.cos, self.sin)
-
-    def kernel_args(self, dtype: torch.dtype):
-        from ..kernels.attention_triton import RopeArgs
-        from ..kernels.rotary_triton import NormArgs
-        if not self.qk_norm:
-            return RopeArgs(self.cos, self.sin)
-        return RopeArgs(self.cos, self.sin, NormArgs(self.q_weight, self.q_eps, self.q_cast, dtype),
-                        NormArgs(self.k_weight, self.k_eps, self.k_cast, dtype))
-
-
 @torch.library.custom_op("infer::paged_attention", mutates_args=("kv_cache",))
-def paged_attention(q: Tensor, k: Tensor, v: Tensor, kv_cache: Tensor, scale: float,
-                    cos: Tensor | None = None, sin: Tensor | None = None, qk_norm: bool = False,
-                    q_norm_weight: Tensor | None = None, k_norm_weight: Tensor | None = None,
-                    q_norm_eps: float = 0.0, k_norm_eps: float = 0.0,
-                    q_cast_before_weight: bool = False, k_cast_before_weight: bool = False) -> Tensor:
-    """Write k/v into the paged cache, then causal attention per sequence (see module docstring).
-
-    With ``cos``/``sin`` (``[T, R/2]``), q and k are raw: each is first rotated, after its RMSNorm
-    over ``D`` when ``qk_norm`` (exactly ``infer::qk_norm_rotary`` with out dtype = input dtype);
-    the small-batch decode kernel does this in its own registers (one launch less per layer).
-    """
+def paged_attention(q: Tensor, k: Tensor, v: Tensor, kv_cache: Tensor, scale: float) -> Tensor:
+    """Write k/v into the paged cache, then causal attention per sequence (see module docstring)."""
     q3, k3, v3 = _check_inputs(q, k, v, kv_cache)
-    rope = _rope(cos, sin, qk_norm, q_norm_weight, k_norm_weight, q_norm_eps, k_norm_eps, q_cast_before_weight,
-                 k_cast_before_weight, q3)
     metadata = get_forward_context()
     _check_metadata(metadata, q.device)
     backend = select_backend(q.device)
@@ -193,34 +142,13 @@ def paged_attention(q: Tensor, k: Tensor, v: Tensor, kv_cache: Tensor, scale: fl
         logger.debug("flash_attn needs block_size %% 256 == 0, got %d; using triton", kv_cache.shape[2])
         backend = "triton"
     if backend == "reference":
-        if rope is not None:
-            q3, k3 = rope.apply(q3, k3)
         out = paged_attention_reference(q3, k3, v3, kv_cache, scale, metadata)  # [T, Hq, D]
     else:
-        out = _run_triton(q3, k3, v3, kv_cache, scale, metadata, use_flash=backend == "flash_attn", rope=rope)
+        out = _run_triton(q3, k3, v3, kv_cache, scale, metadata, use_flash=backend == "flash_attn")
     return out.reshape(q.shape)
 
 
-def _rope(cos, sin, qk_norm, q_weight, k_weight, q_eps, k_eps, q_cast, k_cast, q3: Tensor) -> Rope | None:
-    if cos is None and sin is None:
-        if qk_norm:
-            raise ValueError("paged_attention: qk_norm=True needs cos and sin")
-        return None
-    if cos is None or sin is None or cos.shape != sin.shape or cos.dim() != 2 or cos.shape[0] != q3.shape[0] \
-            or not 0 < 2 * cos.shape[1] <= q3.shape[2]:
-        raise ValueError(f"paged_attention: cos and sin must both be [T={q3.shape[0]}, R/2] with R <= "
-                         f"head_dim={q3.shape[2]}, got {None if cos is None else tuple(cos.shape)} and "
-                         f"{None if sin is None else tuple(sin.shape)}")
-    return Rope(cos, sin, qk_norm, q_weight, k_weight, q_eps, k_eps, q_cast, k_cast)
-
-
 @paged_attention.register_fake
-def _paged_attention_fake(q: Tensor, k: Tensor, v: Tensor, kv_cache: Tensor, scale: float,
-                          cos: Tensor | None = None, sin: Tensor | None = None, qk_norm: bool = False,
-                          q_norm_weight: Tensor | None = None, k_norm_weight: Tensor | None = None,
-                          q_norm_eps: float = 0.0, k_norm_eps: float = 0.0,
-                          q_cast_before_weight: bool = False, k_cast_before_weight: bool = False) -> Tensor:
-    q3, _, _ = _check_inputs(q, k, v, kv_cache)
-    _rope(cos, sin, qk_norm, q_norm_weight, k_norm_weight, q_norm_eps, k_norm_eps, q_cast_before_weight,
-          k_cast_before_weight, q3)
+def _paged_attention_fake(q: Tensor, k: Tensor, v: Tensor, kv_cache: Tensor, scale: float) -> Tensor:
+    _check_inputs(q, k, v, kv_cache)
     return q.new_empty(q.shape)

@@ -10,13 +10,12 @@ import triton.language as tl
 from torch import Tensor
 
 from .decode_attention_triton import (
-    DecodeConfig, RopeArgs, choose_num_splits, decode_attention, decode_attention_with_kv_write, fuse_kv_write,
-    plan_splits,
+    DecodeConfig, choose_num_splits, decode_attention, decode_attention_with_kv_write, fuse_kv_write, plan_splits,
 )
 from .prefill_attention_triton import PrefillConfig, prefill_attention
 
 __all__ = [
-    "DecodeConfig", "PrefillConfig", "RopeArgs", "choose_num_splits", "decode_attention", "decode_attention_with_kv_write",
+    "DecodeConfig", "PrefillConfig", "choose_num_splits", "decode_attention", "decode_attention_with_kv_write",
     "fuse_kv_write", "plan_splits", "prefill_attention", "write_kv_cache",
 ]
 

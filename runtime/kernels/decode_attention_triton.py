@@ -34,7 +34,6 @@ import triton.language as tl
 from torch import Tensor
 
 from .pdl import pdl_launch_options
-from .rotary_triton import NormArgs, rotated_rows
 
 LOG2E = 1.4426950408889634
 REDUCE_SPLITS_BLOCK = 16  # partials combined per reduce iteration (fixed: no recompile per batch size)
@@ -112,14 +111,11 @@ def _split_len(seq_len, num_splits, min_split_len, BLOCK_N: tl.constexpr):
 @triton.jit(do_not_specialize=["num_splits", "min_split_len", "num_slots"])
 def _decode_partial_kernel(
     q_ptr, k_ptr, v_ptr, cache_ptr, slot_ptr, block_tables_ptr, seq_lens_ptr, out_ptr, part_o_ptr, part_lse_ptr,
-    cos_ptr, sin_ptr, qw_ptr, kw_ptr,
-    scale_log2e, num_splits, min_split_len, max_context, num_slots, rot_half, q_eps, k_eps,
+    scale_log2e, num_splits, min_split_len, max_context, num_slots,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
-    stride_ckv, stride_cblk, stride_ctok, stride_ch, stride_bt, stride_cos, stride_sin,
+    stride_ckv, stride_cblk, stride_ctok, stride_ch, stride_bt,
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     BLOCK_N: tl.constexpr, FUSE_WRITE: tl.constexpr, PRECISION: tl.constexpr, USE_PDL: tl.constexpr,
-    ROPE: tl.constexpr = False, NORM: tl.constexpr = False, Q_WEIGHT: tl.constexpr = False,
-    K_WEIGHT: tl.constexpr = False, Q_CAST: tl.constexpr = False, K_CAST: tl.constexpr = False,
 ):
     if USE_PDL:  # everything below reads what earlier kernels wrote
         tl.extra.cuda.gdc_launch_dependents()
@@ -133,28 +129,14 @@ def _decode_partial_kernel(
     end = tl.minimum(start + split_len, seq_len)
     d = tl.arange(0, HEAD_DIM)
     skip = (start >= seq_len) & (num_splits > 1)  # past the end: the reduce kernel skips this split
-    if ROPE:  # q and the new k arrive raw: (RMSNorm over D and) rotary here, as infer::qk_norm_rotary does
-        partner = tl.where(d < rot_half, d + rot_half, tl.where(d < 2 * rot_half, d - rot_half, d))  # [D]
-        freq = tl.where(d < rot_half, d, d - rot_half)
-        rot_mask = d < 2 * rot_half
-        cos = tl.load(cos_ptr + seq.to(tl.int64) * stride_cos + freq, mask=rot_mask, other=0.0).to(tl.float32)
-        sin = tl.load(sin_ptr + seq.to(tl.int64) * stride_sin + freq, mask=rot_mask, other=0.0).to(tl.float32)
-        cos, sin = cos[None, :], sin[None, :]  # [1, D]
     if FUSE_WRITE:  # this step's token sits at seq_len - 1; the split covering it stores it (at the end)
         slot = tl.load(slot_ptr + seq, mask=seq < num_slots, other=-1).to(tl.int64)
         has_new = slot >= 0  # -1: padding row, nothing written and nothing substituted
         new_pos = tl.where(has_new, seq_len - 1, -1)  # -1 matches no token below
         writer = has_new & (split == tl.maximum(new_pos, 0) // split_len)  # split 0 when seq_len == 0
         w_mask = d < tl.where(writer, HEAD_DIM, 0)  # [D], all-false except in the writing program
-        k_row = k_ptr + seq.to(tl.int64) * stride_kt + kv_head * stride_kh
-        k_new = tl.load(k_row + d, mask=w_mask, other=0.0)
+        k_new = tl.load(k_ptr + seq.to(tl.int64) * stride_kt + kv_head * stride_kh + d, mask=w_mask, other=0.0)
         v_new = tl.load(v_ptr + seq.to(tl.int64) * stride_vt + kv_head * stride_vh + d, mask=w_mask, other=0.0)
-        if ROPE:
-            k_par = tl.load(k_row + partner, mask=w_mask, other=0.0).to(tl.float32)
-            k_new = rotated_rows(k_new.to(tl.float32)[None, :], k_par[None, :], kw_ptr, cos, sin, d[None, :],
-                                 partner[None, :], d[None, :] < HEAD_DIM, rot_half, HEAD_DIM, k_eps, NORM, K_WEIGHT,
-                                 K_CAST, k_ptr.dtype.element_ty, cache_ptr.dtype.element_ty)
-            k_new = tl.reshape(k_new, (HEAD_DIM,))
         k_new = k_new.to(cache_ptr.dtype.element_ty)  # [D], exactly what the cache will hold
         v_new = v_new.to(cache_ptr.dtype.element_ty)  # [D]
         skip = skip & ~writer
@@ -164,13 +146,8 @@ def _decode_partial_kernel(
     g = tl.arange(0, GROUP_PAD)
     g_mask = g < GROUP
     q_heads = kv_head * GROUP + g
-    q_rows = q_ptr + seq.to(tl.int64) * stride_qt + q_heads[:, None] * stride_qh  # [GROUP_PAD, 1]
-    q = tl.load(q_rows + d[None, :], mask=g_mask[:, None], other=0.0)  # [GROUP_PAD, D]
-    if ROPE:
-        q_par = tl.load(q_rows + partner[None, :], mask=g_mask[:, None], other=0.0).to(tl.float32)
-        q = rotated_rows(q.to(tl.float32), q_par, qw_ptr, cos, sin, d[None, :], partner[None, :],
-                         d[None, :] < HEAD_DIM, rot_half, HEAD_DIM, q_eps, NORM, Q_WEIGHT, Q_CAST,
-                         q_ptr.dtype.element_ty, cache_ptr.dtype.element_ty).to(cache_ptr.dtype.element_ty)
+    q = tl.load(q_ptr + seq.to(tl.int64) * stride_qt + q_heads[:, None] * stride_qh + d[None, :],
+                mask=g_mask[:, None], other=0.0)  # [GROUP_PAD, D]
     m_i = tl.full([GROUP_PAD], float("-inf"), tl.float32)
     l_i = tl.zeros([GROUP_PAD], tl.float32)
     acc = tl.zeros([GROUP_PAD, HEAD_DIM], tl.float32)
@@ -255,32 +232,18 @@ def _check_decode_shapes(q: Tensor, kv_cache: Tensor, block_tables: Tensor) -> N
                          f"{block_tables.shape[0]} sequences")
 
 
-@dataclass(frozen=True, slots=True)
-class RopeArgs:
-    """Rotary embedding (after an optional per-head RMSNorm) of the raw q and new k, applied inside
-    the fused decode kernel exactly as ``infer::qk_norm_rotary`` computes it: ``cos``/``sin`` are
-    ``[B, R/2]``, the norms both given (with out dtype == the cache's) or both None."""
-
-    cos: Tensor
-    sin: Tensor
-    q_norm: NormArgs | None = None
-    k_norm: NormArgs | None = None
-
-
 def _launch(
     q: Tensor, kv_cache: Tensor, seq_lens: Tensor, block_tables: Tensor, scale: float, out: Tensor | None,
     config: DecodeConfig | None, num_splits: int | None, new_kv: tuple[Tensor, Tensor, Tensor] | None,
-    rope: RopeArgs | None = None,
 ) -> Tensor:
-    """Run the partial (+ reduce) kernels; ``new_kv = (k, v, slot_mapping)`` fuses the cache write,
-    ``rope`` (with ``new_kv`` only) the q/k norm and rotary."""
+    """Run the partial (+ reduce) kernels; ``new_kv = (k, v, slot_mapping)`` fuses the cache write."""
     _check_decode_shapes(q, kv_cache, block_tables)
     num_tokens, num_q_heads, head_dim = q.shape
     config = (config or DecodeConfig()).for_head_dim(head_dim)
     num_kv_heads, block_size = kv_cache.shape[3], kv_cache.shape[2]
     num_seqs, width = block_tables.shape
     if out is None:
-        out = torch.empty(q.shape, dtype=kv_cache.dtype, device=q.device)  # [T, Hq, D]
+        out = torch.empty_like(q)  # [T, Hq, D]
     if num_tokens > num_seqs:
         out[num_seqs:].zero_()
     if num_seqs == 0:
@@ -297,17 +260,15 @@ def _launch(
     # PDL only in the latency-bound regime: at batch 64 the early-scheduled reduce kernel took SM
     # slots from the partial kernel and the 0.6B step lost 0.13 ms (H200).
     pdl = pdl_launch_options(q.device, enable=num_seqs * num_kv_heads < _num_sms(q.device))
-    rope_args, rope_flags = _rope_launch_args(rope, q)
     _decode_partial_kernel[(num_seqs, num_kv_heads, splits)](
-        q, k, v, kv_cache, slots, block_tables, seq_lens, out, part_o, part_lse, *rope_args[:4],
-        scale * LOG2E, splits, min_split_len, max_context, slots.shape[0], *rope_args[4:7],
+        q, k, v, kv_cache, slots, block_tables, seq_lens, out, part_o, part_lse,
+        scale * LOG2E, splits, min_split_len, max_context, slots.shape[0],
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), out.stride(0), out.stride(1),
         kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2), kv_cache.stride(3), block_tables.stride(0),
-        *rope_args[7:],
         GROUP=num_q_heads // num_kv_heads, GROUP_PAD=max(16, triton.next_power_of_2(num_q_heads // num_kv_heads)),
         HEAD_DIM=head_dim, BLOCK_SIZE=block_size, BLOCK_N=config.block_n, FUSE_WRITE=new_kv is not None,
-        PRECISION="ieee" if kv_cache.dtype == torch.float32 else "tf32",
-        num_warps=config.num_warps, num_stages=config.num_stages, **rope_flags, **pdl,
+        PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        num_warps=config.num_warps, num_stages=config.num_stages, **pdl,
     )
     if splits > 1:
         _decode_reduce_kernel[(num_seqs, num_q_heads)](
@@ -315,22 +276,6 @@ def _launch(
             HEAD_DIM=head_dim, BLOCK_N=config.block_n, SPLITS_BLOCK=REDUCE_SPLITS_BLOCK, num_warps=4, **pdl,
         )
     return out
-
-
-def _rope_launch_args(rope: RopeArgs | None, q: Tensor) -> tuple[list, dict]:
-    """(pointer, scalar and stride arguments, constexpr flags) of ``rope`` for the partial kernel."""
-    if rope is None:  # placeholders, never read
-        return [q, q, q, q, 0, 0.0, 0.0, 0, 0], {}
-    qn, kn = rope.q_norm, rope.k_norm
-    q_w = None if qn is None else qn.weight
-    k_w = None if kn is None else kn.weight
-    args = [rope.cos, rope.sin, q if q_w is None else q_w.contiguous(), q if k_w is None else k_w.contiguous(),
-            rope.cos.shape[1], 0.0 if qn is None else qn.eps, 0.0 if kn is None else kn.eps,
-            rope.cos.stride(0), rope.sin.stride(0)]
-    flags = dict(ROPE=True, NORM=qn is not None, Q_WEIGHT=q_w is not None, K_WEIGHT=k_w is not None,
-                 Q_CAST=qn is not None and qn.cast_before_weight, K_CAST=kn is not None and kn.cast_before_weight,
-                 enable_fp_fusion=False)  # round as the rotary kernel does (it turns FP fusion off too)
-    return args, flags
 
 
 def decode_attention(
@@ -354,10 +299,9 @@ def decode_attention(
 def decode_attention_with_kv_write(
     q: Tensor, k: Tensor, v: Tensor, kv_cache: Tensor, slot_mapping: Tensor, seq_lens: Tensor,
     block_tables: Tensor, scale: float, out: Tensor | None = None, config: DecodeConfig | None = None,
-    num_splits: int | None = None, rope: RopeArgs | None = None,
+    num_splits: int | None = None,
 ) -> Tensor:
-    """``write_kv_cache(k, v, kv_cache, slot_mapping)`` then ``decode_attention(...)``, in one kernel;
-    with ``rope``, q and k are first normed and rotated (``infer::qk_norm_rotary``) in it too.
+    """``write_kv_cache(k, v, kv_cache, slot_mapping)`` then ``decode_attention(...)``, in one kernel.
 
     Sequence ``b``'s query sits at position ``seq_lens[b] - 1``, and ``slot_mapping[b]`` must be the
     cache slot of that position in ``block_tables[b]``. A slot ``< 0`` (or a row past the end of
@@ -381,20 +325,4 @@ def decode_attention_with_kv_write(
         raise ValueError(f"slot_mapping must be 1-d, got shape {tuple(slot_mapping.shape)}")
     if q.stride(-1) != 1 or k.stride(-1) != 1 or v.stride(-1) != 1:
         raise ValueError("q, k and v must be contiguous along head_dim")
-    if rope is not None:
-        _check_rope(rope, num_seqs, kv_cache)
-    return _launch(q, kv_cache, seq_lens, block_tables, scale, out, config, num_splits, (k, v, slot_mapping), rope)
-
-
-def _check_rope(rope: RopeArgs, num_seqs: int, kv_cache: Tensor) -> None:
-    half, head_dim = rope.cos.shape[1], kv_cache.shape[4]
-    if rope.cos.shape != rope.sin.shape or rope.cos.shape[0] < num_seqs or not 0 < 2 * half <= head_dim:
-        raise ValueError(f"cos/sin must be [>={num_seqs}, R/2] with R <= head_dim={head_dim}, "
-                         f"got {tuple(rope.cos.shape)} and {tuple(rope.sin.shape)}")
-    if rope.cos.stride(1) != 1 or rope.sin.stride(1) != 1:
-        raise ValueError("cos and sin must be contiguous along their last dim")
-    if (rope.q_norm is None) != (rope.k_norm is None):
-        raise ValueError("rope takes both q_norm and k_norm or neither")
-    for norm in (rope.q_norm, rope.k_norm):
-        if norm is not None and norm.out_dtype != kv_cache.dtype:
-            raise ValueError(f"the fused norm must produce the cache's dtype {kv_cache.dtype}, got {norm.out_dtype}")
+    return _launch(q, kv_cache, seq_lens, block_tables, scale, out, config, num_splits, (k, v, slot_mapping))

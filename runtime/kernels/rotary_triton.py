@@ -78,26 +78,16 @@ def _rotate_heads(x_ptr, out_ptr, w_ptr, cos, sin, tok, head0, n_heads, head_dim
     row = x_ptr + tok * s_tok + heads * s_head  # [BH, 1]
     x = tl.load(row + d * s_dim, mask=mask, other=0.0).to(tl.float32)  # [BH, BD]
     xp = tl.load(row + partner * s_dim, mask=mask, other=0.0).to(tl.float32)  # [BH, BD]
-    out = rotated_rows(x, xp, w_ptr, cos, sin, d, partner, col_mask, half, head_dim, eps, NORM, HAS_WEIGHT,
-                       CAST_BEFORE_WEIGHT, x_ptr.dtype.element_ty, dtype)
-    tl.store(out_ptr + (tok * n_heads + heads) * head_dim + d, out.to(dtype), mask=mask)
-
-
-@triton.jit
-def rotated_rows(x, xp, w_ptr, cos, sin, d, partner, col_mask, half, head_dim, eps, NORM: tl.constexpr,
-                 HAS_WEIGHT: tl.constexpr, CAST_BEFORE_WEIGHT: tl.constexpr, IN_DTYPE: tl.constexpr,
-                 DTYPE: tl.constexpr):
-    """Rows ``x [R, BD]`` (fp32) after the optional RMSNorm and rotary, rounded to ``DTYPE`` (held as
-    fp32). ``xp`` holds the same rows with their rotary halves swapped (``partner`` dims),
-    ``cos``/``sin`` are ``[1, BD]`` fp32. Shared by every kernel that rotates, so all round alike."""
     if NORM:
-        inv = tl.rsqrt(tl.sum(x * x, axis=1) / head_dim + eps)[:, None]  # [R, 1], as the rms_norm kernel
-        x = _normalized(x, inv, w_ptr, d, col_mask, HAS_WEIGHT, CAST_BEFORE_WEIGHT, IN_DTYPE, DTYPE)
-        xp = _normalized(xp, inv, w_ptr, partner, col_mask, HAS_WEIGHT, CAST_BEFORE_WEIGHT, IN_DTYPE, DTYPE)
-    c, s = _round(cos, DTYPE), _round(sin, DTYPE)  # [1, BD]
+        in_dtype: tl.constexpr = x_ptr.dtype.element_ty
+        inv = tl.rsqrt(tl.sum(x * x, axis=1) / head_dim + eps)[:, None]  # [BH, 1], as the rms_norm kernel
+        x = _normalized(x, inv, w_ptr, d, col_mask, HAS_WEIGHT, CAST_BEFORE_WEIGHT, in_dtype, dtype)
+        xp = _normalized(xp, inv, w_ptr, partner, col_mask, HAS_WEIGHT, CAST_BEFORE_WEIGHT, in_dtype, dtype)
+    c, s = _round(cos, dtype), _round(sin, dtype)  # [1, BD]
     sign = tl.where(d < half, -1.0, 1.0)  # first half: x1*c - x2*s; second: x2*c + x1*s
-    rotated = _round(_round(x * c, DTYPE) + sign * _round(xp * s, DTYPE), DTYPE)  # [R, BD]
-    return tl.where(d < 2 * half, rotated, x)
+    rotated = _round(_round(x * c, dtype) + sign * _round(xp * s, dtype), dtype)  # [BH, BD]
+    out = tl.where(d < 2 * half, rotated, x)
+    tl.store(out_ptr + (tok * n_heads + heads) * head_dim + d, out.to(dtype), mask=mask)
 
 
 @triton.jit

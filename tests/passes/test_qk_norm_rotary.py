@@ -174,7 +174,7 @@ def test_model_graph_holds_one_op_per_layer(kind, tmp_path):
     with forward_context(metadata), torch.no_grad():
         gm = make_fx(model, decomposition_table=decomposition_table())(ids, positions)
         context = context_for(gm)
-        PassManager(CompilerConfig(fuse_attention_rope=False), context)(gm.graph)  # see test_attention_rope
+        PassManager(CompilerConfig(), context)(gm.graph)
     counts = op_counts(gm)
     assert {op: counts[op] for op in EXPECTED[kind]} == EXPECTED[kind]
     head_norms = [n for n in gm.graph.nodes if str(n.target) == RMS and n.args[0].meta["val"].dim() == 3]
