@@ -104,15 +104,15 @@ class Recording:
 
         entry: dict = {}
 
-        def record(transformed: fx.GraphModule, recipes: list) -> bool:
-            """Whether the graph could be recorded (it can be saved)."""
+        def record(transformed: fx.GraphModule, recipes: list) -> dict | None:
+            """The recorded entry (its "graph" is what is saved); None if it cannot be saved."""
             try:
                 entry.update(_entry(transformed, inputs, recipes, config, report), stage=stage)
             except Unsupported as e:
                 self.problems.append(str(e))
-                return False
+                return None
             self.graphs.append(entry)
-            return True
+            return entry
 
         def attach(compiled: Callable) -> None:
             """The callable Dynamo runs for the graph (Dynamo's inputs, packs added inside)."""
@@ -311,7 +311,8 @@ def _load(data: dict, module: torch.nn.Module) -> CachedForward:
 
 
 def bind(bindings: list[dict], args: list[str], module: torch.nn.Module) -> tuple[list, list, dict]:
-    """(feeds, constants, checks) for `CachedForward`, or a stage's module: module tensors are checked against the entry,
+    """(feeds, constants, checks) for `CachedForward` or a stage's module: module tensors are checked
+    against the entry,
     weight packs made again (the module's weights become views of them, as in a cold compile)."""
     from ..passes.gemm_pack import pack_in_place
 

@@ -67,7 +67,7 @@ def _transform_and_compile(gm: fx.GraphModule, example_inputs: Sequence, static:
     gm.recompile()
     report.time_passes_s = time.perf_counter() - start
     report.nodes_after = len(gm.graph.nodes)
-    saved = record(gm, context.extra_recipes) if record is not None else False  # the graph before the split
+    saved = record(gm, context.extra_recipes) if record is not None else None  # the graph before the split
 
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     is_static = [n.name in context.static_inputs for n in placeholders]
@@ -79,7 +79,7 @@ def _transform_and_compile(gm: fx.GraphModule, example_inputs: Sequence, static:
         return compile_transformed(gm, inputs, is_static, context.extra_inputs, config, report, sources)
     # Compile what a warm load will compile, so that the inner compiler's own caches (Inductor's
     # FX graph cache) hold it: a later process then skips lowering and code generation.
-    gm, inputs = same_as_reloaded(gm, config)
+    gm, inputs = same_as_reloaded(saved["graph"], config)
     with fresh_tracing(inputs):
         return compile_transformed(gm, inputs, is_static, context.extra_inputs, config, report, sources)
 

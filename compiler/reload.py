@@ -15,7 +15,7 @@ import torch
 from torch import fx
 
 from .config import CompilerConfig
-from .graph_io import dump_graph, load_graph
+from .graph_io import load_graph
 
 
 def compile_entry(data: dict, constants: list) -> tuple[Callable, Any]:
@@ -42,11 +42,11 @@ def compile_entry(data: dict, constants: list) -> tuple[Callable, Any]:
 
 def reloaded(nodes: list, config: CompilerConfig) -> tuple[fx.GraphModule, list]:
     """A saved graph (`dump_graph`'s nodes) as a module, with the values of its inputs."""
+    from torch.fx._lazy_graph_module import _use_lazy_graph_module
+
     from .split import piece_inputs
 
     eager = config.inner_compiler == "eager"  # Inductor reads every node's value, eager only the pieces' inputs
-    from torch.fx._lazy_graph_module import _use_lazy_graph_module
-
     with torch.inference_mode(False):  # values as Dynamo makes them: part of Inductor's cache key
         graph = load_graph(nodes, (lambda g: piece_inputs(g, config)) if eager else None)
     with _use_lazy_graph_module(False):  # one kind of module in and out of Dynamo (pickled into the key)
@@ -54,10 +54,10 @@ def reloaded(nodes: list, config: CompilerConfig) -> tuple[fx.GraphModule, list]
     return gm, [p.meta["val"] for p in graph.find_nodes(op="placeholder")]
 
 
-def same_as_reloaded(gm: fx.GraphModule, config: CompilerConfig) -> tuple[fx.GraphModule, list]:
-    """`gm` saved and loaded again, as a later process loads it: inner-compiling this copy gives
-    Inductor's FX graph cache the key a warm load will ask for."""
-    return reloaded(json.loads(json.dumps(dump_graph(gm.graph))), config)
+def same_as_reloaded(nodes: list, config: CompilerConfig) -> tuple[fx.GraphModule, list]:
+    """A recorded graph (`dump_graph`'s nodes) through JSON and loaded again, as a later process
+    loads it: inner-compiling this copy gives Inductor's FX graph cache the key a warm load asks for."""
+    return reloaded(json.loads(json.dumps(nodes)), config)
 
 
 @contextlib.contextmanager

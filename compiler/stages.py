@@ -131,19 +131,15 @@ def lookup_stages(directory: str | os.PathLike, key: str) -> Stages | None:
     return cache.load_entry(directory, key, load)
 
 
-class CachedStage:
-    """A saved stage graph called as ``stage(module, *args)``, without Dynamo.
+class _BoundStage:
+    """A stage graph called as ``stage(module, *args)`` without Dynamo: each module is bound at its
+    first call (its tensors checked against the recorded inputs); subclasses say how to run."""
 
-    Bound to each module at its first call: its tensors are checked against the entry and its
-    weight packs made (its weights become views of them, as in a cold compile).
-    """
-
-    def __init__(self, name: str, data: dict) -> None:
+    def __init__(self, name: str, bindings: list[dict], args: list[str], is_tuple: bool) -> None:
         self.name = name
-        self.bindings = data["inputs"]
-        self.args = data["args"]
-        self.tuple = data["tuple"]
-        self.compiled, self.report = compile_entry(data, [])
+        self.bindings = bindings
+        self.args = args
+        self.tuple = is_tuple
         self._bound: dict[int, tuple] = {}  # id(module) -> (module, feeds, constants, checks)
 
     def __call__(self, module: torch.nn.Module, *args: Any) -> Any:
@@ -155,40 +151,37 @@ class CachedStage:
             raise TypeError(f"stage {self.name!r} takes {len(self.args)} arguments ({', '.join(self.args)}), "
                             f"got {len(args)}")
         cache.check_args(checks, self.args, args)
-        flat = [cache.feed(f, args) for f in feeds] + constants
-        with torch.no_grad():
-            out = call_boxed(self.compiled, flat)
+        out = self._run([cache.feed(f, args) for f in feeds] + constants)
         return tuple(out) if self.tuple else out[0]
 
+    def _run(self, flat: list) -> Any:
+        raise NotImplementedError
+
     def __repr__(self) -> str:
-        return f"CachedStage({self.name}, {len(self._bound)} modules bound)"
+        return f"{type(self).__name__}({self.name}, {len(self._bound)} modules bound)"
 
 
-class DirectStage:
-    """A stage compiled in this process, called as ``stage(module, *args)`` with the inputs Dynamo
-    would pass, without evaluating its guards (each call of a guarded frame costs ~0.1 ms of host
-    time, for every layer of every uncaptured step). Weight packs are made inside the callable."""
+class CachedStage(_BoundStage):
+    """A stage loaded from the compile cache. Binding a module makes its weight packs (its weights
+    become views of them, as in a cold compile), appended to the graph's inputs."""
+
+    def __init__(self, name: str, data: dict) -> None:
+        super().__init__(name, data["inputs"], data["args"], data["tuple"])
+        self.compiled, self.report = compile_entry(data, [])
+
+    def _run(self, flat: list) -> Any:
+        with torch.no_grad():
+            return call_boxed(self.compiled, flat)
+
+
+class DirectStage(_BoundStage):
+    """A stage compiled in this process, called with the inputs Dynamo would pass, without
+    evaluating its guards (each call of a guarded frame costs ~0.1 ms of host time, for every layer
+    of every uncaptured step). Weight packs are made inside the callable, so none are bound."""
 
     def __init__(self, name: str, graph: dict, args: list[str], is_tuple: bool) -> None:
-        self.name = name
+        super().__init__(name, [b for b in graph["inputs"] if b["kind"] != "pack"], args, is_tuple)
         self.compiled = graph["runtime"]
-        self.bindings = [b for b in graph["inputs"] if b["kind"] != "pack"]
-        self.args = args
-        self.tuple = is_tuple
-        self._bound: dict[int, tuple] = {}  # id(module) -> (module, feeds, checks)
 
-    def __call__(self, module: torch.nn.Module, *args: Any) -> Any:
-        bound = self._bound.get(id(module))
-        if bound is None or bound[0] is not module:
-            feeds, _, checks = cache.bind(self.bindings, self.args, module)
-            bound = self._bound[id(module)] = (module, feeds, checks)
-        _, feeds, checks = bound
-        if len(args) != len(self.args):
-            raise TypeError(f"stage {self.name!r} takes {len(self.args)} arguments ({', '.join(self.args)}), "
-                            f"got {len(args)}")
-        cache.check_args(checks, self.args, args)
-        out = self.compiled(*[cache.feed(f, args) for f in feeds])  # as Dynamo calls it
-        return tuple(out) if self.tuple else out[0]
-
-    def __repr__(self) -> str:
-        return f"DirectStage({self.name}, {len(self._bound)} modules bound)"
+    def _run(self, flat: list) -> Any:
+        return self.compiled(*flat)  # as Dynamo calls it

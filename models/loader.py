@@ -4,14 +4,14 @@ Parameter names are HF's own, so checkpoint names map one to one; each parameter
 ``weight_loader`` narrows the full tensor to this rank's tensor-parallel shard. The bytes move
 through :mod:`.checkpoint` (streamed through pinned staging buffers on CUDA).
 
-The model is built with :func:`skip_param_init`: parameters are not randomly initialised, since the
-checkpoint overwrites every one of them (the checkpoint reader rejects checkpoints that lack one).
+The layers allocate their parameters with ``torch.empty`` (no random init to skip): the checkpoint
+overwrites every one of them, and the reader rejects checkpoints that lack one.
 """
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -22,16 +22,10 @@ from torch import nn
 from .checkpoint import checkpoint_files, load_weights, stream_weights
 from .registry import model_class_for
 
-__all__ = ["checkpoint_files", "default_dtype", "load_model", "load_weights", "resolve_dtype", "skip_param_init",
-           "stream_weights"]
+__all__ = ["checkpoint_files", "default_dtype", "load_model", "load_weights", "resolve_dtype", "stream_weights"]
 
 logger = logging.getLogger(__name__)
 
-# torch.nn.init functions made no-ops for parameters while a model is built (skip_param_init)
-INIT_FUNCTIONS = (
-    "uniform_", "normal_", "trunc_normal_", "constant_", "ones_", "zeros_", "eye_", "dirac_",
-    "xavier_uniform_", "xavier_normal_", "kaiming_uniform_", "kaiming_normal_", "orthogonal_", "sparse_",
-)
 
 
 def resolve_dtype(dtype: torch.dtype | str | None, config: Any) -> torch.dtype:
@@ -58,32 +52,6 @@ def default_dtype(dtype: torch.dtype) -> Iterator[None]:
         yield
     finally:
         torch.set_default_dtype(previous)
-
-
-@contextmanager
-def skip_param_init() -> Iterator[None]:
-    """Make ``torch.nn.init``'s in-place initialisers no-ops on ``nn.Parameter``s (restored on exit).
-
-    ``reset_parameters`` of ``nn.Linear``/``nn.Embedding`` and the like go through these, so a model
-    built inside allocates its parameters without filling them: the checkpoint overwrites every one.
-    Plain tensors and buffers are still initialised (a buffer computed in ``__init__`` keeps its
-    values). The patch is process-wide while it lasts, as transformers' ``no_init_weights`` is.
-    """
-    originals = {name: getattr(nn.init, name) for name in INIT_FUNCTIONS if hasattr(nn.init, name)}
-
-    def skipping(original: Callable[..., Any]) -> Callable[..., Any]:
-        def init(tensor: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
-            return tensor if isinstance(tensor, nn.Parameter) else original(tensor, *args, **kwargs)
-
-        return init
-
-    for name, original in originals.items():
-        setattr(nn.init, name, skipping(original))
-    try:
-        yield
-    finally:
-        for name, original in originals.items():
-            setattr(nn.init, name, original)
 
 
 @torch.no_grad()  # not inference_mode: the parameters must stay ordinary tensors for the compiler
@@ -121,7 +89,7 @@ def load_model(
     device = torch.device(device)
     if fast is None:
         fast = device.type == "cuda"
-    with torch.device(device), default_dtype(dtype), skip_param_init():
+    with torch.device(device), default_dtype(dtype):
         model = model_cls(config)
     model.to(device)  # buffers computed on CPU on purpose (rotary tables) follow the parameters
     built = time.perf_counter()

@@ -103,21 +103,6 @@ def test_buffers_equal_a_freshly_built_model(hf_checkpoint, tiny_staging):
         _assert_bits_equal(buffer, buffers[name], name)
 
 
-def test_skip_param_init_skips_parameters_only():
-    normal_ = nn.init.normal_
-    with loader.skip_param_init():
-        param = nn.Parameter(torch.zeros(4, 4))
-        plain = torch.zeros(4, 4)
-        nn.init.normal_(param)
-        nn.init.kaiming_uniform_(param)
-        nn.init.normal_(plain)
-        linear = nn.Linear(3, 5)  # reset_parameters goes through nn.init: nothing to do
-    assert torch.equal(param, torch.zeros(4, 4))
-    assert not torch.equal(plain, torch.zeros(4, 4))
-    assert linear.weight.shape == (5, 3)
-    assert nn.init.normal_ is normal_  # restored
-
-
 @pytest.mark.parametrize("rank,size", [(1, 2), (3, 4)])
 def test_tensor_parallel_shards(hf_checkpoint, tiny_staging, monkeypatch, rank, size):
     hf_model, folder = hf_checkpoint("qwen3", vocab_size=255)  # 255 rows: the last rank is padded
