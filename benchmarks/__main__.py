@@ -45,6 +45,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     common.add_argument("--llm-modes", nargs="+", choices=sorted(throughput.LLM_MODES),
                         help="infer.LLM compile modes for throughput / startup")
     common.add_argument("--tmp", help="folder for temporary checkpoints and compile caches")
+    common.add_argument("--python-bytecode", choices=("cached", "as-is"), default="cached",
+                        help="startup: children reuse Python bytecode primed once (default), or the environment's")
     common.add_argument("--append", action="store_true",
                         help="keep the rows already in OUT/SCENARIO.json (same device); re-measured rows replace them")
     parser = argparse.ArgumentParser(prog="python -m infer.benchmarks", description=__doc__.split("\n\n")[0])
@@ -67,7 +69,7 @@ def settings_for(args: argparse.Namespace, scenario: str) -> Settings:
     return Settings(device=device, out_dir=Path(args.out), shapes=shapes, batches=tuple(args.batch or batches),
                     contexts=tuple(args.context or contexts), steps=args.steps or STEPS[size], quick=args.quick,
                     tiny=args.tiny, modes=tuple(args.modes or ()), hf=not args.no_hf, tmp_dir=args.tmp,
-                    append=args.append)
+                    append=args.append, python_bytecode=args.python_bytecode)
 
 
 KERNEL_COLUMNS = [Column("kernel", "kernel"), Column("case", "case"), Column("time_us", "us", ".2f"),

@@ -52,6 +52,7 @@ class Settings:
     hf: bool = True
     tmp_dir: str | None = None
     append: bool = False  # keep the rows of an earlier run in out_dir (same device), replacing re-measured ones
+    python_bytecode: str = "cached"  # startup children: "cached" (primed once) or "as-is" (the environment's)
 
     @property
     def cuda(self) -> bool:

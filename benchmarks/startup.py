@@ -58,6 +58,24 @@ class _LogTimes(logging.Handler):
         return next((t for t, n, m in self.records if n.startswith(name) and m.startswith(prefix)), None)
 
 
+class _TritonCompiles:
+    """Dates every Triton kernel compile (``jit_post_compile_hook``; fires in pool threads too)."""
+
+    def __init__(self) -> None:
+        self.events: list[tuple[float, str]] = []
+        try:
+            from triton import knobs
+            knobs.runtime.jit_post_compile_hook = self._hook
+        except (ImportError, AttributeError):
+            pass
+
+    def _hook(self, *, fn, **_) -> None:
+        self.events.append((time.perf_counter(), fn.name))
+
+    def between(self, start: float, end: float) -> list[str]:
+        return [name for t, name in self.events if start <= t < end]
+
+
 def child_main(argv: list[str]) -> int:
     """The measured process: one ``LLM(...)`` and one first token; prints one JSON line."""
     parser = argparse.ArgumentParser()
@@ -80,11 +98,13 @@ def child_main(argv: list[str]) -> int:
 
     cuda = args.device.startswith("cuda")
     sync = torch.cuda.synchronize if cuda else (lambda: None)
+    compiles = _TritonCompiles()
     wall0, start = time.time(), time.perf_counter()
     llm = LLM(args.model, dtype="bfloat16", max_model_len=args.max_model_len, compile=True, device=args.device,
               **json.loads(args.llm_kwargs))
     sync()
-    init_s = time.perf_counter() - start
+    init_end = time.perf_counter()
+    init_s = init_end - start
     out = llm.generate([FIRST_PROMPT], SamplingParams(max_tokens=1, ignore_eos=True), use_tqdm=False)
     sync()
     ttft_s = time.perf_counter() - start
@@ -100,7 +120,9 @@ def child_main(argv: list[str]) -> int:
                   compile_total_s=compile_s, graphs_compiled=compilation_count(),
                   dynamo_s=max(frames_s - totals["compiled_s"], 0.0), aot_s=totals["aot_s"],
                   passes_s=totals["passes_s"], inner_s=totals["inner_s"],
-                  capture_s=None if capture_s is None else max(capture_s - compile_s, 0.0))
+                  capture_s=None if capture_s is None else max(capture_s - compile_s, 0.0),
+                  triton_compiles_init=len(compiles.between(start, init_end)),
+                  triton_compiled_in_generate=compiles.between(init_end, start + ttft_s))
     known = [result["load_s"], result["compile_total_s"], result["capture_s"]]
     result["other_s"] = ttft_s - sum(v for v in known if v is not None)
     print(MARKER + json.dumps(result), flush=True)
@@ -116,11 +138,16 @@ def _dynamo_frames_s() -> float | None:
     return float(sum(frames)) if frames else None
 
 
-def spawn(model: Path, llm_kwargs: dict, cache_root: Path, settings: Settings, log: Path | None) -> dict[str, Any]:
-    """Run one child with its compile caches under ``cache_root``; returns its result dict."""
+def spawn(model: Path, llm_kwargs: dict, cache_root: Path, settings: Settings, log: Path | None,
+          pycache: Path | None = None) -> dict[str, Any]:
+    """Run one child with its compile caches under ``cache_root``; returns its result dict.
+    ``pycache``: the child reads and writes Python bytecode there (see :func:`prime_bytecode`)."""
     env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=str(cache_root / "inductor"),
                TRITON_CACHE_DIR=str(cache_root / "triton"), INFER_COMPILE_CACHE_DIR=str(cache_root / "infer"),
                PYTHONUNBUFFERED="1")
+    if pycache is not None:
+        env.pop("PYTHONDONTWRITEBYTECODE", None)
+        env["PYTHONPYCACHEPREFIX"] = str(pycache)
     cmd = [sys.executable, "-m", "infer.benchmarks.startup", "--child", "--model", str(model),
            "--llm-kwargs", json.dumps(llm_kwargs), "--device", settings.device,
            "--max-model-len", str(4096 if settings.cuda else 256), "--spawned-at", repr(time.time())]
@@ -145,7 +172,25 @@ COLUMNS = [Column("shape", "shape"), Column("mode", "mode"), Column("phase", "ca
            Column("passes_s", "passes s", ".2f"), Column("inner_s", "inner s", ".1f"),
            Column("compile_total_s", "compile total s", ".1f"),
            Column("capture_s", "graph capture s", ".1f"), Column("other_s", "other s", ".1f"),
-           Column("python_start_s", "process start s", ".1f"), Column("graphs_compiled", "graphs")]
+           Column("python_start_s", "process start s", ".1f"), Column("graphs_compiled", "graphs"),
+           Column("triton_compiles_init", "Triton compiles")]
+
+
+def prime_bytecode(root: Path, settings: Settings, llm_modes: tuple[str, ...]) -> Path:
+    """Fill a Python bytecode folder by running the engine once on the tiny shape; returns it.
+
+    A pip-installed torch ships its bytecode; an environment without it (and with
+    ``PYTHONDONTWRITEBYTECODE=1``, as on our GPU machines) compiles every module of torch,
+    Dynamo, Inductor and transformers from source in every process, seconds that no user pays.
+    The measured children reuse this folder (``PYTHONPYCACHEPREFIX``); their compile caches stay
+    cold. ``--python-bytecode as-is`` measures the environment unchanged."""
+    pycache = root / "pycache"
+    model = save_checkpoint(qwen3_config("tiny"), root / "tiny-checkpoint", settings.device)
+    mode = next((m for m in llm_modes if uses_inductor(m)), llm_modes[0])
+    start = time.perf_counter()
+    spawn(model, LLM_MODES[mode], root / "cache-prime", settings, None, pycache)
+    logger.info("startup: Python bytecode primed in %.1f s (%s mode, tiny shape)", time.perf_counter() - start, mode)
+    return pycache
 
 
 def run(settings: Settings, llm_modes: tuple[str, ...] = DEFAULT_MODES) -> Table:
@@ -158,9 +203,14 @@ def run(settings: Settings, llm_modes: tuple[str, ...] = DEFAULT_MODES) -> Table
                "first generate (tokenizer, profile run, KV cache, prefill)")
     if not settings.cuda:
         table.note("CPU run: the engine compiles at the first generate (no profile run on CPU)")
+    if settings.cuda:
+        table.note(f"Python bytecode: {settings.python_bytecode} (cached: primed once by a tiny-shape run, as a "
+                   f"pip install ships it; as-is: the environment's own)")
     with tempfile.TemporaryDirectory(prefix="infer-bench-startup-", dir=settings.tmp_dir) as root:
         model = save_checkpoint(cfg, Path(root) / "checkpoint", settings.device)
         release_memory()
+        primed = settings.cuda and settings.python_bytecode == "cached"  # CPU runs are tests: no extra child
+        pycache = prime_bytecode(Path(root), settings, llm_modes) if primed else None
         for mode in llm_modes:
             for phase in PHASES:
                 base = dict(shape=shape, mode=mode, phase=phase)
@@ -169,7 +219,8 @@ def run(settings: Settings, llm_modes: tuple[str, ...] = DEFAULT_MODES) -> Table
                     continue
                 log = settings.out_dir / "startup_logs" / f"{mode}-{phase}.log" if settings.out_dir else None
                 logger.info("startup %s %s %s: spawning a fresh process", shape, mode, phase)
-                measure(table, base, lambda: spawn(model, LLM_MODES[mode], Path(root) / f"cache-{mode}", settings, log))
+                measure(table, base, lambda: spawn(model, LLM_MODES[mode], Path(root) / f"cache-{mode}", settings, log,
+                                                   pycache))
     return table
 
 

@@ -26,6 +26,17 @@ def inner_compile(gm: fx.GraphModule, example_inputs: Sequence, inner_compiler: 
     raise ValueError(f"unknown inner compiler {inner_compiler!r}; expected 'inductor' or 'eager'")
 
 
+def prepare_inner_compiler(inner_compiler: str) -> None:
+    """Import the inner compiler and compute its one-time keys, for a thread that runs while the
+    weights load: a warm Inductor start otherwise spends ~2 s here before its first cache hit
+    (importing Inductor, hashing torch's and Triton's sources for its cache keys)."""
+    if inner_compiler != "inductor":
+        return
+    from torch._inductor import codecache, compile_fx, lowering  # noqa: F401
+    codecache.torch_key()
+    codecache.triton_key()
+
+
 FUNCTIONAL_OPS = ("rms_norm", "fused_add_rms_norm", "silu_and_mul", "linear", "rms_norm_linear",
                   "add_rms_norm_linear", "silu_mul_linear", "rotary_embedding", "qk_norm_rotary")
 

@@ -6,6 +6,7 @@ import itertools
 import json
 import logging
 from collections.abc import Sequence as SequenceABC
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Union
@@ -14,6 +15,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ...models.loader import load_model
+from ..kernels.precompile import parallel_compiles
 from .block_manager import BlockManager
 from .config import EngineConfig
 from .engine_loop import EngineLoop
@@ -69,6 +71,19 @@ def eos_token_ids(tokenizer: Any, hf_config: Any, path: Path) -> frozenset[int]:
     return frozenset(int(i) for i in ids)
 
 
+def _load_tokenizer(path: str) -> Any:
+    from transformers import AutoTokenizer  # heavy import, deferred to first use
+    return AutoTokenizer.from_pretrained(path)
+
+
+def _prepare_compiler(inner_compiler: str) -> None:
+    from ...compiler.inner import prepare_inner_compiler
+    try:
+        prepare_inner_compiler(inner_compiler)
+    except Exception as err:  # only a head start: the compile itself reports real failures
+        logger.debug("preparing the %s inner compiler failed: %r", inner_compiler, err)
+
+
 class LLM:
     """Load a checkpoint once, then generate for batches of prompts with continuous batching.
 
@@ -111,15 +126,25 @@ class LLM:
         self._setup(config)
 
     def _setup(self, config: EngineConfig) -> None:
-        from transformers import AutoTokenizer  # heavy import, deferred to first use
-
-        self.model, self.hf_config = load_model(config.model, dtype=config.dtype, device=config.device)
-        self.config = config.resolve(self.hf_config)
-        self.tokenizer = AutoTokenizer.from_pretrained(config.model)
+        import transformers  # noqa: F401  (here, not first on the tokenizer thread: its module swaps
+        # itself in sys.modules at the end of its import, and a concurrent importer can get the
+        # module from before, without its names)
+        compiles = parallel_compiles(torch.device(config.device))
+        try:
+            with ThreadPoolExecutor(max_workers=2, thread_name_prefix="llm-setup") as pool:
+                tokenizer = pool.submit(_load_tokenizer, config.model)  # overlaps loading and compiling
+                if config.compile:
+                    pool.submit(_prepare_compiler, config.compile_options_dict.get("inner_compiler", "inductor"))
+                self.model, self.hf_config = load_model(config.model, dtype=config.dtype, device=config.device)
+                self.config = config.resolve(self.hf_config)
+                self.runner = ModelRunner(self.model, self.config, compiles)
+                self.num_blocks = init_kv_cache(self.model, self.config, self.runner.profile_run)
+                self.capture_seconds = self.runner.capture_cudagraphs()  # closes compiles
+                self.tokenizer = tokenizer.result()
+        finally:
+            if compiles is not None:
+                compiles.close()
         self.eos_token_ids = eos_token_ids(self.tokenizer, self.hf_config, Path(config.model))
-        self.runner = ModelRunner(self.model, self.config)
-        self.num_blocks = init_kv_cache(self.model, self.config, self.runner.profile_run)
-        self.capture_seconds = self.runner.capture_cudagraphs()
         manager_cls = BlockManager if self.config.enable_prefix_caching else UncachedBlockManager
         self.block_manager = manager_cls(self.num_blocks, self.config.block_size)
         scheduler_config = SchedulerConfig(

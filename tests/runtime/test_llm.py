@@ -113,10 +113,16 @@ def test_greedy_matches_transformers_on_cuda(tmp_path, monkeypatch, mode):
     torch.cuda.empty_cache()  # KV sizing reads free device memory: drop what earlier tests cached
     model = save_tiny_checkpoint("llama", tmp_path / "llama", head_dim=64)
     expected = hf_greedy(model, PROMPTS, MAX_TOKENS)
+    import threading
+    from triton import knobs
+    compiled = []  # (kernel, thread) of every Triton compile from here on
+    monkeypatch.setattr(knobs.runtime, "jit_post_compile_hook",
+                        lambda *, fn, **_: compiled.append((fn.name, threading.current_thread().name)))
     llm = LLM(tmp_path / "llama", dtype="float32", device="cuda", compile=True, gpu_memory_utilization=0.3,
               compile_options={"inner_compiler": "eager", "cudagraph_mode": mode}, max_num_seqs=8,
               max_num_batched_tokens=256)
     assert llm.runner._padded_size(3) == 4 and llm.num_blocks > 0
+    at_start = list(compiled)
     replays = []
     replay = StepGraph.replay
     monkeypatch.setattr(StepGraph, "replay", lambda self: replays.append(self) or replay(self))
@@ -124,6 +130,10 @@ def test_greedy_matches_transformers_on_cuda(tmp_path, monkeypatch, mode):
     if mode == "full":
         assert set(llm.runner.decode_graphs) == set(llm.runner.capture_sizes)
         assert len(replays) >= MAX_TOKENS - 1  # every decode step
+        # Dry steps at startup had every kernel compiled on the pool (runtime/kernels/precompile.py):
+        # none compiled on the main thread, none left for the first requests.
+        assert all(thread.startswith("triton-compile") for _, thread in at_start), at_start
+        assert compiled == at_start, compiled[len(at_start):]
     else:
         assert not llm.runner.decode_graphs and not replays
 

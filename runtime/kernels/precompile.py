@@ -1,0 +1,146 @@
+"""Compile this project's Triton kernels concurrently instead of one by one at their first launch.
+
+A cold start compiles a dozen kernel specializations (norms, rotary, KV write, prefill and decode
+attention, the GEMVs per row count), ~0.5-1.5 s each, every one at its first launch. Their
+arguments are only known at those launches, so the engine runs *dry* steps first, inside
+:meth:`KernelCompiles.deferring`: a launch whose kernel is not compiled yet neither compiles nor
+runs (Triton's ``jit_cache_hook`` answers "handled"); its exact specialization is handed off
+instead. The real steps after :meth:`KernelCompiles.wait` find every kernel ready.
+
+A pool thread compiles it (``JITFunction.preload``) into the kernel's own cache, then builds and
+loads its launcher (a C compile when Triton's cache is cold). Triton releases the GIL in LLVM code
+generation and runs ``ptxas`` and the C compiler as subprocesses, so the compiles overlap one
+another and the main thread; its Python front end does hold the GIL, which slows the dry steps
+and Dynamo meanwhile. (Worker processes were tried instead, and measured slower on the H100
+host: eight Python processes importing torch contend with the weight load.)
+
+A dry step computes garbage (skipped kernels leave their outputs unwritten): it may only be
+used for what it launches, never for its values. The Triton interpreter (``TRITON_INTERPRET=1``)
+and CPU tensors never reach the hook, so there it changes nothing.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor, wait
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_WORKERS = 8
+DRY_SWITCH_INTERVAL_S = 0.0005
+
+
+def _knobs():
+    try:
+        from triton import knobs
+    except ImportError:  # Triton < 3.4: no hooks, every kernel compiles at its first launch
+        return None
+    return knobs.runtime if hasattr(knobs.runtime, "jit_cache_hook") else None
+
+
+class KernelCompiles:
+    """The pool that compiles the Triton kernels dry launches name (see the module docstring).
+
+    ``with compiles.deferring():`` runs dry; :meth:`wait` blocks until every compile handed off
+    so far is done (several dry phases may share the pool); :meth:`close` shuts it down.
+    The hook is process-wide: while deferring, launches from any thread are dry.
+    ``failed``: compiles that raised (the real launch compiles again and reports the error)."""
+
+    def __init__(self, workers: int) -> None:
+        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="triton-compile")
+        self._futures: dict[tuple[int, str], Future] = {}
+        self._lock = threading.Lock()
+        self.names: list[str] = []
+        self.failed: list[str] = []
+
+    @property
+    def submitted(self) -> int:
+        return len(self._futures)
+
+    @contextlib.contextmanager
+    def deferring(self) -> Iterator[None]:
+        """Inside: a launch of a not-yet-compiled kernel is handed off and skipped."""
+        knobs = _knobs()
+        previous, interval = knobs.jit_cache_hook, sys.getswitchinterval()
+        knobs.jit_cache_hook = self._hook
+        # The pool's Python front end takes the GIL from the dry steps; a short switch interval
+        # hands it back to them sooner than the default 5 ms.
+        sys.setswitchinterval(DRY_SWITCH_INTERVAL_S)
+        try:
+            yield
+        finally:
+            knobs.jit_cache_hook = previous
+            sys.setswitchinterval(interval)
+
+    def _hook(self, *, key, fn, compile, is_manual_warmup, **_) -> bool:
+        """Triton's ``jit_cache_hook``: True skips the compile and the launch."""
+        if is_manual_warmup:  # our own preload (or a caller's warmup): compile it here
+            return False
+        jit = fn.jit_function
+        with self._lock:
+            if (id(jit), key) not in self._futures:
+                self._futures[(id(jit), key)] = self._pool.submit(
+                    self._compile, jit, compile["device"], compile["specialization_data"])
+                self.names.append(fn.name)
+        return True
+
+    @staticmethod
+    def _compile(jit, device: int, specialization_data: str) -> None:
+        if torch.cuda.is_available():
+            torch.cuda.set_device(device)  # a pool thread starts on device 0
+        kernel = jit.preload(specialization_data)
+        init = getattr(kernel, "_init_handles", None)
+        if init is not None:  # the launcher (built, or a C compile when cold) and the module load
+            init()
+
+    def wait(self) -> float:
+        """Block until every compile handed off so far is done; returns the seconds waited."""
+        start = time.perf_counter()
+        with self._lock:
+            futures = list(self._futures.values())
+        wait(futures)
+        seconds = time.perf_counter() - start
+        self.failed = [repr(f.exception()) for f in futures if f.exception() is not None]
+        if self.failed:
+            logger.warning("%d deferred Triton compiles failed (they compile again at launch): %s",
+                           len(self.failed), self.failed[:3])
+        if futures:
+            logger.info("compiled %d Triton kernels in parallel, %.1fs after the dry runs: %s",
+                        len(futures), seconds, sorted(set(self.names)))
+        return seconds
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True)
+
+
+def parallel_compiles(device: torch.device, workers: int | None = None) -> KernelCompiles | None:
+    """A :class:`KernelCompiles` for ``device``; None where dry runs do not apply: not CUDA, the
+    Triton interpreter, a Triton without hooks, or ``INFER_PARALLEL_COMPILE=0``."""
+    if (device.type != "cuda" or _knobs() is None or os.environ.get("TRITON_INTERPRET", "0") == "1"
+            or os.environ.get("INFER_PARALLEL_COMPILE", "1") == "0"):
+        return None
+    return KernelCompiles(workers or min(DEFAULT_WORKERS, os.cpu_count() or 1))
+
+
+@contextlib.contextmanager
+def deferred_compiles(device: torch.device, workers: int | None = None) -> Iterator[KernelCompiles | None]:
+    """One dry phase: inside, launches of not-yet-compiled kernels are skipped and compiled on a
+    pool; on exit, waits for those compiles. Yields None (deferring nothing) where
+    :func:`parallel_compiles` does not apply."""
+    compiles = parallel_compiles(device, workers)
+    if compiles is None:
+        yield None
+        return
+    try:
+        with compiles.deferring():
+            yield compiles
+        compiles.wait()
+    finally:
+        compiles.close()

@@ -1,0 +1,67 @@
+"""``deferred_compiles``: inside it a not-yet-compiled Triton kernel is compiled on a pool instead
+of launched; after it, the real launch finds the kernel compiled, with its exact specialization."""
+import pytest
+import torch
+
+from infer.runtime.kernels.precompile import deferred_compiles
+
+
+def test_nothing_is_deferred_off_cuda(monkeypatch):
+    with deferred_compiles(torch.device("cpu")) as deferred:
+        assert deferred is None
+    monkeypatch.setenv("INFER_PARALLEL_COMPILE", "0")
+    with deferred_compiles(torch.device("cuda")) as deferred:
+        assert deferred is None
+
+
+def _scale_kernel():
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _scale(x_ptr, y_ptr, n, FACTOR: tl.constexpr, BLOCK: tl.constexpr):
+        offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        mask = offs < n
+        tl.store(y_ptr + offs, tl.load(x_ptr + offs, mask=mask) * FACTOR, mask=mask)
+
+    return _scale
+
+
+@pytest.mark.gpu
+def test_dry_launches_compile_on_the_pool_and_the_real_launch_reuses_them():
+    kernel = _scale_kernel()  # a fresh JITFunction: its in-memory cache starts empty
+    device = torch.device("cuda")
+    x = torch.arange(100, dtype=torch.float32, device=device)  # [100]
+    y = torch.zeros_like(x)
+    kernel_cache = lambda: kernel.device_caches[torch.cuda.current_device()][0]  # noqa: E731
+    with deferred_compiles(device) as deferred:
+        for factor in (3, 3, 5):  # the repeat is handed off once
+            kernel[(1,)](x, y, x.numel(), FACTOR=factor, BLOCK=128)
+        torch.cuda.synchronize()
+        dry = y.clone()
+    assert deferred is not None and deferred.submitted == 2 and not deferred.failed
+    assert torch.equal(dry, torch.zeros_like(x)), "a deferred launch must not run"
+    assert len(kernel_cache()) == 2
+    for factor in (3, 5):
+        kernel[(1,)](x, y, x.numel(), FACTOR=factor, BLOCK=128)
+        torch.testing.assert_close(y, x * factor, atol=0, rtol=0)
+    assert len(kernel_cache()) == 2, "the real launches must hit the pool's compiles"
+
+
+def test_dry_steps_run_the_first_layer_of_each_kind_only():
+    from infer.runtime.engine.model_runner import _first_of_each_kind
+    layers = [torch.nn.Linear(4, 4), torch.nn.Linear(4, 4), torch.nn.Linear(4, 8), torch.nn.Linear(4, 4)]
+    ran = []
+
+    def layer_fn(module, hidden, residual, shared):
+        ran.append(module)
+        return hidden + 1, residual + shared
+
+    dry = _first_of_each_kind(layer_fn)
+    hidden, residual = torch.zeros(2), torch.zeros(2)
+    for module in layers:
+        hidden, residual = dry(module, hidden, residual, torch.ones(2))
+    assert ran == [layers[0], layers[2]]  # one per (class, parameter shapes)
+    torch.testing.assert_close(hidden, torch.full((2,), 2.0))
+    torch.testing.assert_close(residual, torch.full((2,), 2.0))
+
