@@ -97,8 +97,8 @@ class ModelRunner:
         self._cache_pending = config.compile and (self._cache_dir is not None or self.staged)
         self.decode_buffers: dict[int, DecodeBuffers] = {}
         self.decode_graphs: dict[int, StepGraph] = {}
-        # Startup's dry runs (profile run, first decode steps) hand their Triton kernels to these
-        # pools, which compile them side by side; capture_cudagraphs waits for them.
+        # Startup's dry runs (profile run, first decode steps) hand their Triton kernels to this
+        # pool, which compiles them side by side; capture_cudagraphs waits for it.
         self._compiles = compiles if compiles is not None else parallel_compiles(self.device)
 
     def _padded_size(self, num_tokens: int) -> int:
