@@ -49,7 +49,7 @@ def test_dry_launches_compile_on_the_pool_and_the_real_launch_reuses_them():
 
 
 def test_dry_steps_run_the_first_layer_of_each_kind_only():
-    from infer.runtime.engine.model_runner import _first_of_each_kind
+    from infer.runtime.engine.startup_steps import _first_of_each_kind
     layers = [torch.nn.Linear(4, 4), torch.nn.Linear(4, 4), torch.nn.Linear(4, 8), torch.nn.Linear(4, 4)]
     ran = []
 

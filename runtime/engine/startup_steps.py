@@ -1,0 +1,159 @@
+"""What a :class:`~.model_runner.ModelRunner` runs once, at startup: the profile run that sizes the
+KV cache, the dry decode steps that name every Triton kernel for the compile pool
+(:mod:`..kernels.precompile`), and the capture of the decode graphs."""
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+
+import torch
+from torch import Tensor, nn
+
+from ..attention import AttentionMetadata, forward_context
+from .decode_buffers import DecodeBuffers
+from .kv_cache import attention_layers, bind_kv_cache, release_kv_cache
+from .sampler import sample
+from .sampling import SamplingParams
+from .step import StepGraph
+
+logger = logging.getLogger(__name__)
+
+PAD_TOKEN_ID = 0  # input id of a padding token (its KV slot is -1, its output is ignored)
+PROFILE_SAMPLING = SamplingParams(temperature=1.0, top_p=0.9)  # the costliest sampling path
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _first_of_each_kind(layer_fn):
+    """A stage ``layer`` function that runs only the first layer of each kind (class and
+    parameter shapes) it meets and passes the stream through the others: for dry steps."""
+    seen = set()
+
+    def layer(module: nn.Module, hidden: Tensor, residual: Tensor, *shared):
+        kind = (type(module), tuple((name, p.shape, p.dtype) for name, p in module.named_parameters()))
+        if kind in seen:
+            return hidden, residual
+        seen.add(kind)
+        return layer_fn(module, hidden, residual, *shared)
+    return layer
+
+
+
+class StartupSteps:
+    """The startup half of :class:`~.model_runner.ModelRunner` (a base class: it uses the runner's
+    model, config, forward, buffers and compile pool)."""
+
+    @torch.inference_mode()
+    def capture_cudagraphs(self) -> float:
+        """Warm up and capture every capture size, largest first (one shared pool); returns seconds.
+
+        The dummy steps are all padding: no sequence, every slot -1, so no KV is written."""
+        compiles, self._compiles = self._compiles, None
+        try:
+            return self._capture(compiles)
+        finally:
+            if compiles is not None:
+                compiles.close()  # waits for any compile still running
+
+    def _capture(self, compiles) -> float:
+        if not (self.compiled and self.capture_sizes):
+            return 0.0
+        start = time.perf_counter()
+        pool = torch.cuda.graph_pool_handle()  # shared by every size, captured largest first
+        sizes = sorted(self.capture_sizes, reverse=True)
+        warmups = 2  # compile (first size only), then the kernels' first launches
+        if compiles is not None:
+            if self.full_graph:
+                with compiles.deferring():  # dry steps name the decode kernels; the pool compiles them
+                    self._dry_decode_steps(sizes)
+                warmups = 1  # every kernel compiled and loaded by the pool
+            compiles.wait()
+        for size in sizes:
+            if self.full_graph:
+                self.decode_graphs[size] = self.capture_decode_step(self._cleared_buffers(size), pool, warmups)
+                continue
+            metadata = AttentionMetadata.build([], [], [], self.block_size, self.device,
+                                               max_blocks_per_seq=self.max_blocks_per_seq, pad_tokens_to=size)
+            ids = torch.full((size,), PAD_TOKEN_ID, dtype=torch.int64, device=self.device)  # [size]
+            positions = torch.zeros(size, dtype=torch.int64, device=self.device)  # [size]
+            for _ in range(2):  # warm-up, then the backend captures each piece
+                self.forward(ids, positions, metadata)
+        torch.cuda.synchronize()
+        seconds = time.perf_counter() - start
+        logger.info("captured CUDA graphs for %d sizes in %.1fs", len(self.capture_sizes), seconds)
+        return seconds
+
+    def _dry_decode_steps(self, sizes: list[int]) -> None:
+        """One dry decode step per size, smallest first (the GEMV variants, the slowest compiles,
+        go to the pool first). The first step compiles the model; after it, stage by stage, only
+        the first layer of each kind runs: the others would launch the same kernel variants."""
+        start = time.perf_counter()
+        for i, size in enumerate(sorted(sizes)):
+            if i == 0 or not self.staged:
+                self._decode_step(self._cleared_buffers(size))
+                continue
+            stages = self._stages
+            self._stages = stages._replace(layer=_first_of_each_kind(stages.layer))
+            try:
+                self._decode_step(self._cleared_buffers(size))
+            finally:
+                self._stages = stages
+        logger.info("dry decode steps for %d sizes in %.2fs", len(sizes), time.perf_counter() - start)
+
+    def _cleared_buffers(self, size: int) -> DecodeBuffers:
+        buffers = self._buffers(size)
+        buffers.clear()
+        return buffers
+
+    def _decode_step(self, buffers: DecodeBuffers) -> Tensor:
+        hidden = self.forward(buffers.input_ids, buffers.positions, buffers.metadata)  # [B, H]
+        return self.model.compute_logits(hidden)  # [B, V]
+
+    def capture_decode_step(self, buffers: DecodeBuffers, pool, warmups: int = 2) -> StepGraph:
+        """Warm up ``warmups`` times, then capture forward + LM head on ``buffers`` (all rows
+        dummy: nothing is written)."""
+        def step() -> Tensor:
+            return self._decode_step(buffers)
+        for _ in range(warmups):
+            step()
+        torch.cuda.synchronize()
+        return StepGraph(step, pool)
+
+    @torch.inference_mode()
+    def profile_run(self) -> None:
+        """One forward at ``max_num_batched_tokens`` tokens and sampling of ``max_num_seqs`` rows.
+
+        Binds a temporary KV cache just large enough for the dummy batch and releases it after.
+        The forward is eager: a graph compiled here would guard on that cache (its block count,
+        and that it is an inference tensor) and the first real step would compile another. Eager
+        activations are no smaller than the compiled graph's, whose fusions only remove some.
+        With a compile pool (CUDA) the run is dry: its Triton kernels are handed to the pool, not
+        launched. It allocates just the same (a skipped kernel's outputs exist all the same); its
+        values, never read, are garbage.
+        """
+        config = self.config
+        total, max_len = config.max_num_batched_tokens, config.max_model_len
+        lens = [max_len] * (total // max_len) + ([total % max_len] if total % max_len else [])
+        tables, next_block = [], 0
+        for n in lens:
+            tables.append(list(range(next_block, next_block + _cdiv(n, self.block_size))))
+            next_block += len(tables[-1])
+        layers = attention_layers(self.model)
+        dtype = next(self.model.parameters()).dtype
+        bind_kv_cache(layers, next_block, self.block_size, dtype, self.device)
+        try:
+            metadata = AttentionMetadata.build(lens, lens, tables, self.block_size, self.device)
+            ids = torch.full((total,), PAD_TOKEN_ID, dtype=torch.int64, device=self.device)  # [T]
+            positions = self._tensor([p for n in lens for p in range(n)])  # [T]
+            dry = self._compiles.deferring() if self._compiles is not None else contextlib.nullcontext()
+            with forward_context(metadata), dry:
+                hidden = self.model.forward(ids, positions)  # [T, H], eager (see above)
+                rows = min(config.max_num_seqs, total)
+                logits = self.model.compute_logits(hidden[-rows:])  # [rows, V]
+                sample(logits, [PROFILE_SAMPLING] * rows)
+        finally:
+            release_kv_cache(layers)
+        logger.info("profile run: %d tokens in %d sequences", total, len(lens))
