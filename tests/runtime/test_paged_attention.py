@@ -14,6 +14,8 @@ from infer.runtime.attention import Attention, AttentionMetadata, forward_contex
 from infer.runtime.attention.reference import attend_reference  # noqa: E402
 
 CUDA = torch.cuda.is_available()
+# The Triton kernel tests run on CPU tensors under the interpreter, else on the GPU.
+KERNEL_DEVICE = "cpu" if os.environ.get("TRITON_INTERPRET") == "1" else "cuda"
 
 
 @dataclass
@@ -112,7 +114,7 @@ def _triton():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_triton_write_kv_cache(dtype):
     kernels = _triton()
-    batch = make_batch([3, 1], [20, 17], 4, 2, 64, 16, dtype=dtype, pad=2)
+    batch = make_batch([3, 1], [20, 17], 4, 2, 64, 16, dtype=dtype, pad=2, device=KERNEL_DEVICE)
     kernels.write_kv_cache(batch.k, batch.v, batch.cache, batch.md.slot_mapping)
     check_cache(batch)
     assert int(torch.isnan(batch.cache).sum()) > 0
@@ -121,7 +123,7 @@ def test_triton_write_kv_cache(dtype):
 @pytest.mark.parametrize("splits", [1, 3, None])
 def test_triton_decode_kernel(splits):
     kernels = _triton()
-    batch = make_batch([1, 1, 1], [40, 17, 1], 4, 2, 64, 16, pad=1)
+    batch = make_batch([1, 1, 1], [40, 17, 1], 4, 2, 64, 16, pad=1, device=KERNEL_DEVICE)
     batch.md.seq_lens[2] = 0  # CUDA-graph padding sequence: zero output
     kernels.write_kv_cache(batch.k, batch.v, batch.cache, batch.md.slot_mapping)
     config = kernels.DecodeConfig(block_n=16)
@@ -135,7 +137,7 @@ def test_triton_decode_kernel(splits):
 @pytest.mark.parametrize("block_m", [16, 64])
 def test_triton_prefill_kernel(block_m):
     kernels = _triton()
-    batch = make_batch([1, 23, 5], [30, 23, 37], 4, 2, 64, 16, dtype=torch.float16, pad=2)
+    batch = make_batch([1, 23, 5], [30, 23, 37], 4, 2, 64, 16, dtype=torch.float16, pad=2, device=KERNEL_DEVICE)
     kernels.write_kv_cache(batch.k, batch.v, batch.cache, batch.md.slot_mapping)
     config = kernels.PrefillConfig(block_m=block_m, block_n=16)
     md = batch.md
