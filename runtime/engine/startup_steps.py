@@ -69,8 +69,9 @@ class StartupSteps:
             if self.full_graph:
                 with compiles.deferring():  # dry steps name the decode kernels; the pool compiles them
                     self._dry_decode_steps(sizes)
-                warmups = 1  # every kernel compiled and loaded by the pool
             compiles.wait()
+            if self.full_graph and not compiles.failed:
+                warmups = 0  # every kernel compiled and loaded by the pool, every torch op run once
         for size in sizes:
             if self.full_graph:
                 self.decode_graphs[size] = self.capture_decode_step(self._cleared_buffers(size), pool, warmups)
