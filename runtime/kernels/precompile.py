@@ -83,11 +83,12 @@ class KernelCompiles:
         """Triton's ``jit_cache_hook``: True skips the compile and the launch."""
         if is_manual_warmup:  # our own preload (or a caller's warmup): compile it here
             return False
-        jit = fn.jit_function
+        jit, data = fn.jit_function, compile.get("specialization_data")
+        if data is None or not hasattr(jit, "preload"):  # a Triton without preload: compile at launch
+            return False
         with self._lock:
             if (id(jit), key) not in self._futures:
-                self._futures[(id(jit), key)] = self._pool.submit(
-                    self._compile, jit, compile["device"], compile["specialization_data"])
+                self._futures[(id(jit), key)] = self._pool.submit(self._compile, jit, compile["device"], data)
                 self.names.append(fn.name)
         return True
 
