@@ -11,6 +11,7 @@ engine capturing whole steps (full decode graphs) is the intended user.
 """
 from __future__ import annotations
 
+import abc
 import contextlib
 import contextvars
 import inspect
@@ -131,7 +132,7 @@ def lookup_stages(directory: str | os.PathLike, key: str) -> Stages | None:
     return cache.load_entry(directory, key, load)
 
 
-class _BoundStage:
+class _BoundStage(abc.ABC):
     """A stage graph called as ``stage(module, *args)`` without Dynamo: each module is bound at its
     first call (its tensors checked against the recorded inputs); subclasses say how to run."""
 
@@ -154,8 +155,9 @@ class _BoundStage:
         out = self._run([cache.feed(f, args) for f in feeds] + constants)
         return tuple(out) if self.tuple else out[0]
 
+    @abc.abstractmethod
     def _run(self, flat: list) -> Any:
-        raise NotImplementedError
+        """Run the graph on its flat inputs (Dynamo's order); returns its outputs."""
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.name}, {len(self._bound)} modules bound)"

@@ -15,7 +15,6 @@ import torch
 from tqdm.auto import tqdm
 
 from ...models.loader import load_model
-from ..kernels.precompile import parallel_compiles
 from .block_manager import BlockManager
 from .config import EngineConfig
 from .engine_loop import EngineLoop
@@ -129,21 +128,16 @@ class LLM:
         import transformers  # noqa: F401  (here, not first on the tokenizer thread: its module swaps
         # itself in sys.modules at the end of its import, and a concurrent importer can get the
         # module from before, without its names)
-        compiles = parallel_compiles(torch.device(config.device))
-        try:
-            with ThreadPoolExecutor(max_workers=2, thread_name_prefix="llm-setup") as pool:
-                tokenizer = pool.submit(_load_tokenizer, config.model)  # overlaps loading and compiling
-                if config.compile:
-                    pool.submit(_prepare_compiler, config.compile_options_dict.get("inner_compiler", "inductor"))
-                self.model, self.hf_config = load_model(config.model, dtype=config.dtype, device=config.device)
-                self.config = config.resolve(self.hf_config)
-                self.runner = ModelRunner(self.model, self.config, compiles)
-                self.num_blocks = init_kv_cache(self.model, self.config, self.runner.profile_run)
-                self.capture_seconds = self.runner.capture_cudagraphs()  # closes compiles
-                self.tokenizer = tokenizer.result()
-        finally:
-            if compiles is not None:
-                compiles.close()
+        with ThreadPoolExecutor(max_workers=2, thread_name_prefix="llm-setup") as pool:
+            tokenizer = pool.submit(_load_tokenizer, config.model)  # overlaps loading and compiling
+            if config.compile:
+                pool.submit(_prepare_compiler, config.compile_options_dict.get("inner_compiler", "inductor"))
+            self.model, self.hf_config = load_model(config.model, dtype=config.dtype, device=config.device)
+            self.config = config.resolve(self.hf_config)
+            self.runner = ModelRunner(self.model, self.config)
+            self.num_blocks = init_kv_cache(self.model, self.config, self.runner.profile_run)
+            self.capture_seconds = self.runner.capture_cudagraphs()
+            self.tokenizer = tokenizer.result()
         self.eos_token_ids = eos_token_ids(self.tokenizer, self.hf_config, Path(config.model))
         manager_cls = BlockManager if self.config.enable_prefix_caching else UncachedBlockManager
         self.block_manager = manager_cls(self.num_blocks, self.config.block_size)

@@ -10,7 +10,7 @@ from torch._dynamo.decorators import mark_unbacked
 
 from ...compiler.stages import compile_stages, direct_stages, lookup_stages, store_stages
 from ..attention import AttentionMetadata, forward_context
-from ..kernels.precompile import KernelCompiles, parallel_compiles
+from ..kernels.precompile import parallel_compiles
 from .config import EngineConfig
 from .decode_buffers import DecodeBuffers
 from .sampler import sample
@@ -39,7 +39,7 @@ class ModelRunner(StartupSteps):
     CUDA graphs are on, else its own size. The model's KV caches must already be bound.
     """
 
-    def __init__(self, model: nn.Module, config: EngineConfig, compiles: KernelCompiles | None = None) -> None:
+    def __init__(self, model: nn.Module, config: EngineConfig) -> None:
         if config.max_model_len is None:
             raise ValueError("EngineConfig.max_model_len must be resolved (EngineConfig.resolve) before running")
         self.model = model
@@ -75,7 +75,7 @@ class ModelRunner(StartupSteps):
         self.decode_graphs: dict[int, StepGraph] = {}
         # Startup's dry runs (profile run, first decode steps) hand their Triton kernels to this
         # pool, which compiles them side by side; capture_cudagraphs waits for it.
-        self._compiles = compiles if compiles is not None else parallel_compiles(self.device)
+        self._compiles = parallel_compiles(self.device)
 
     def _padded_size(self, num_tokens: int) -> int:
         """Token count a decode batch of ``num_tokens`` runs at (CUDA-graph hook).

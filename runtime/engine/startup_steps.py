@@ -41,7 +41,6 @@ def _first_of_each_kind(layer_fn):
     return layer
 
 
-
 class StartupSteps:
     """The startup half of :class:`~.model_runner.ModelRunner` (a base class: it uses the runner's
     model, config, forward, buffers and compile pool)."""

@@ -128,20 +128,3 @@ def parallel_compiles(device: torch.device, workers: int | None = None) -> Kerne
             or os.environ.get("INFER_PARALLEL_COMPILE", "1") == "0"):
         return None
     return KernelCompiles(workers or min(DEFAULT_WORKERS, os.cpu_count() or 1))
-
-
-@contextlib.contextmanager
-def deferred_compiles(device: torch.device, workers: int | None = None) -> Iterator[KernelCompiles | None]:
-    """One dry phase: inside, launches of not-yet-compiled kernels are skipped and compiled on a
-    pool; on exit, waits for those compiles. Yields None (deferring nothing) where
-    :func:`parallel_compiles` does not apply."""
-    compiles = parallel_compiles(device, workers)
-    if compiles is None:
-        yield None
-        return
-    try:
-        with compiles.deferring():
-            yield compiles
-        compiles.wait()
-    finally:
-        compiles.close()

@@ -1,17 +1,16 @@
-"""``deferred_compiles``: inside it a not-yet-compiled Triton kernel is compiled on a pool instead
-of launched; after it, the real launch finds the kernel compiled, with its exact specialization."""
+"""``KernelCompiles.deferring``: inside it a not-yet-compiled Triton kernel is compiled on a pool
+instead of launched; after ``wait``, the real launch finds the kernel compiled, with its exact
+specialization."""
 import pytest
 import torch
 
-from infer.runtime.kernels.precompile import deferred_compiles
+from infer.runtime.kernels.precompile import parallel_compiles
 
 
 def test_nothing_is_deferred_off_cuda(monkeypatch):
-    with deferred_compiles(torch.device("cpu")) as deferred:
-        assert deferred is None
+    assert parallel_compiles(torch.device("cpu")) is None
     monkeypatch.setenv("INFER_PARALLEL_COMPILE", "0")
-    with deferred_compiles(torch.device("cuda")) as deferred:
-        assert deferred is None
+    assert parallel_compiles(torch.device("cuda")) is None
 
 
 def _scale_kernel():
@@ -34,12 +33,18 @@ def test_dry_launches_compile_on_the_pool_and_the_real_launch_reuses_them():
     x = torch.arange(100, dtype=torch.float32, device=device)  # [100]
     y = torch.zeros_like(x)
     kernel_cache = lambda: kernel.device_caches[torch.cuda.current_device()][0]  # noqa: E731
-    with deferred_compiles(device) as deferred:
-        for factor in (3, 3, 5):  # the repeat is handed off once
-            kernel[(1,)](x, y, x.numel(), FACTOR=factor, BLOCK=128)
-        torch.cuda.synchronize()
-        dry = y.clone()
-    assert deferred is not None and deferred.submitted == 2 and not deferred.failed
+    compiles = parallel_compiles(device)
+    assert compiles is not None
+    try:
+        with compiles.deferring():
+            for factor in (3, 3, 5):  # the repeat is handed off once
+                kernel[(1,)](x, y, x.numel(), FACTOR=factor, BLOCK=128)
+            torch.cuda.synchronize()
+            dry = y.clone()
+        compiles.wait()
+    finally:
+        compiles.close()
+    assert compiles.submitted == 2 and not compiles.failed
     assert torch.equal(dry, torch.zeros_like(x)), "a deferred launch must not run"
     assert len(kernel_cache()) == 2
     for factor in (3, 5):
