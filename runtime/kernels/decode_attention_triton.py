@@ -26,6 +26,7 @@ so capturing ~35 batch sizes compiles each kernel once per head/dtype shape, not
 from __future__ import annotations
 
 import functools
+import os
 from dataclasses import dataclass
 
 import torch
@@ -36,6 +37,7 @@ from torch import Tensor
 from .pdl import pdl_launch_options
 
 LOG2E = 1.4426950408889634
+FUSE_KV_WRITE = os.environ.get("INFER_FUSE_KV_WRITE", "1") != "0"  # A/B switch for benchmarks
 REDUCE_SPLITS_BLOCK = 16  # partials combined per reduce iteration (fixed: no recompile per batch size)
 
 
@@ -87,12 +89,8 @@ def plan_splits(
 
 
 def fuse_kv_write(num_seqs: int, num_kv_heads: int, device: torch.device) -> bool:
-    """Fuse the KV write into decode only in the latency-bound regime (fewer (seq, head) pairs than SMs).
-
-    There it saves a launch; at large batch the fused kernel's extra registers spill and it loses
-    30-35% of its bandwidth (H200, ``benchmarks/attention_decode.py --paths write+decode fused``).
-    """
-    return num_seqs * num_kv_heads < _num_sms(device)
+    """Whether uniform decode steps store their k/v inside the decode kernel (saves a launch)."""
+    return FUSE_KV_WRITE
 
 
 def choose_num_splits(
@@ -108,6 +106,26 @@ def _split_len(seq_len, num_splits, min_split_len, BLOCK_N: tl.constexpr):
     return tl.maximum(tl.cdiv(tl.cdiv(seq_len, num_splits), BLOCK_N) * BLOCK_N, min_split_len)
 
 
+@triton.jit
+def _kv_rows(table, tok, t_mask, kv_head, stride_cblk, stride_ctok, stride_ch, BLOCK_SIZE: tl.constexpr):
+    """Cache offsets ``[BLOCK_N]`` of tokens ``tok`` of one kv head, gathered through the block table."""
+    blk = tl.load(table + tok // BLOCK_SIZE, mask=t_mask, other=0).to(tl.int64)
+    return blk * stride_cblk + (tok % BLOCK_SIZE) * stride_ctok + kv_head * stride_ch
+
+
+@triton.jit
+def _attend_tile(q, k, v, t_mask, m_i, l_i, acc, scale_log2e, PRECISION: tl.constexpr):
+    """One online-softmax step over a ``[BLOCK_N, D]`` K/V tile: the new ``(m_i, l_i, acc)``."""
+    qk = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale_log2e  # [GROUP_PAD, BLOCK_N]
+    qk = tl.where(t_mask[None, :], qk, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(qk, 1))
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(qk - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+    return m_new, l_i, acc
+
+
 @triton.jit(do_not_specialize=["num_splits", "min_split_len", "num_slots"])
 def _decode_partial_kernel(
     q_ptr, k_ptr, v_ptr, cache_ptr, slot_ptr, block_tables_ptr, seq_lens_ptr, out_ptr, part_o_ptr, part_lse_ptr,
@@ -117,9 +135,13 @@ def _decode_partial_kernel(
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     BLOCK_N: tl.constexpr, FUSE_WRITE: tl.constexpr, PRECISION: tl.constexpr, USE_PDL: tl.constexpr,
 ):
-    if USE_PDL:  # everything below reads what earlier kernels wrote
+    # With the write fused, nothing an earlier kernel of this step writes is read before the PDL wait
+    # below: lengths, tables and slots come from the host, and the only cache row written this step
+    # is this program's own. So the first K/V tile is fetched while the previous kernel finishes.
+    if USE_PDL:
         tl.extra.cuda.gdc_launch_dependents()
-        tl.extra.cuda.gdc_wait()
+        if not FUSE_WRITE:
+            tl.extra.cuda.gdc_wait()  # the cache may hold rows an earlier kernel just wrote
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
@@ -129,19 +151,41 @@ def _decode_partial_kernel(
     end = tl.minimum(start + split_len, seq_len)
     d = tl.arange(0, HEAD_DIM)
     skip = (start >= seq_len) & (num_splits > 1)  # past the end: the reduce kernel skips this split
-    if FUSE_WRITE:  # this step's token sits at seq_len - 1; the split covering it stores it (at the end)
+    if FUSE_WRITE:  # this step's token sits at seq_len - 1; the split covering it stores it
         slot = tl.load(slot_ptr + seq, mask=seq < num_slots, other=-1).to(tl.int64)
         has_new = slot >= 0  # -1: padding row, nothing written and nothing substituted
         new_pos = tl.where(has_new, seq_len - 1, -1)  # -1 matches no token below
         writer = has_new & (split == tl.maximum(new_pos, 0) // split_len)  # split 0 when seq_len == 0
         w_mask = d < tl.where(writer, HEAD_DIM, 0)  # [D], all-false except in the writing program
+        skip = skip & ~writer
+    if skip:
+        return
+
+    table = block_tables_ptr + seq.to(tl.int64) * stride_bt
+    tok = start + tl.arange(0, BLOCK_N)  # the first tile, peeled off the loop
+    t_mask = tok < end
+    row = _kv_rows(table, tok, t_mask, kv_head, stride_cblk, stride_ctok, stride_ch, BLOCK_SIZE)  # [BLOCK_N]
+    k = tl.load(cache_ptr + row[:, None] + d[None, :], mask=t_mask[:, None], other=0.0)  # [BLOCK_N, D]
+    v = tl.load(cache_ptr + stride_ckv + row[:, None] + d[None, :], mask=t_mask[:, None], other=0.0)
+    if USE_PDL:
+        if FUSE_WRITE:
+            tl.extra.cuda.gdc_wait()  # q and this step's k/v are written by earlier kernels
+
+    if FUSE_WRITE:
         k_new = tl.load(k_ptr + seq.to(tl.int64) * stride_kt + kv_head * stride_kh + d, mask=w_mask, other=0.0)
         v_new = tl.load(v_ptr + seq.to(tl.int64) * stride_vt + kv_head * stride_vh + d, mask=w_mask, other=0.0)
         k_new = k_new.to(cache_ptr.dtype.element_ty)  # [D], exactly what the cache will hold
         v_new = v_new.to(cache_ptr.dtype.element_ty)  # [D]
-        skip = skip & ~writer
-    if skip:
-        return
+        dst = (slot // BLOCK_SIZE) * stride_cblk + (slot % BLOCK_SIZE) * stride_ctok + kv_head * stride_ch + d
+        tl.store(cache_ptr + dst, k_new, mask=w_mask)
+        tl.store(cache_ptr + stride_ckv + dst, v_new, mask=w_mask)
+        # The loop's tiles are read after this barrier, so they see the stores above (the whole
+        # program's threads are ordered by it); the first tile was read before them and takes the
+        # new row from registers.
+        tl.debug_barrier()
+        is_new = (tok == new_pos)[:, None]  # [BLOCK_N, 1]
+        k = tl.where(is_new, k_new[None, :], k)
+        v = tl.where(is_new, v_new[None, :], v)
 
     g = tl.arange(0, GROUP_PAD)
     g_mask = g < GROUP
@@ -151,27 +195,15 @@ def _decode_partial_kernel(
     m_i = tl.full([GROUP_PAD], float("-inf"), tl.float32)
     l_i = tl.zeros([GROUP_PAD], tl.float32)
     acc = tl.zeros([GROUP_PAD, HEAD_DIM], tl.float32)
-    table = block_tables_ptr + seq.to(tl.int64) * stride_bt
-    for n0 in range(start, end, BLOCK_N):
-        tok = n0 + tl.arange(0, BLOCK_N)
-        t_mask = tok < end
-        blk = tl.load(table + tok // BLOCK_SIZE, mask=t_mask, other=0).to(tl.int64)
-        row = blk * stride_cblk + (tok % BLOCK_SIZE) * stride_ctok + kv_head * stride_ch  # [BLOCK_N]
-        k = tl.load(cache_ptr + row[:, None] + d[None, :], mask=t_mask[:, None], other=0.0)  # [BLOCK_N, D]
-        if FUSE_WRITE:
-            is_new = (tok == new_pos)[:, None]  # [BLOCK_N, 1]
-            k = tl.where(is_new, k_new[None, :], k)
-        qk = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale_log2e  # [GROUP_PAD, BLOCK_N]
-        qk = tl.where(t_mask[None, :], qk, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(qk, 1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(qk - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(cache_ptr + stride_ckv + row[:, None] + d[None, :], mask=t_mask[:, None], other=0.0)
-        if FUSE_WRITE:
-            v = tl.where(is_new, v_new[None, :], v)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
-        m_i = m_new
+    if start < end:
+        m_i, l_i, acc = _attend_tile(q, k, v, t_mask, m_i, l_i, acc, scale_log2e, PRECISION)
+    for n0 in range(start + BLOCK_N, end, BLOCK_N):  # names of their own: nothing else is loop-carried
+        tok_n = n0 + tl.arange(0, BLOCK_N)
+        mask_n = tok_n < end
+        row_n = _kv_rows(table, tok_n, mask_n, kv_head, stride_cblk, stride_ctok, stride_ch, BLOCK_SIZE)
+        k_n = tl.load(cache_ptr + row_n[:, None] + d[None, :], mask=mask_n[:, None], other=0.0)  # [BLOCK_N, D]
+        v_n = tl.load(cache_ptr + stride_ckv + row_n[:, None] + d[None, :], mask=mask_n[:, None], other=0.0)
+        m_i, l_i, acc = _attend_tile(q, k_n, v_n, mask_n, m_i, l_i, acc, scale_log2e, PRECISION)
 
     has_keys = l_i > 0.0
     out = acc / tl.where(has_keys, l_i, 1.0)[:, None]  # [GROUP_PAD, D]; zeros without keys
@@ -183,10 +215,6 @@ def _decode_partial_kernel(
         part = (seq.to(tl.int64) * (GROUP * tl.num_programs(1)) + q_heads) * num_splits + split  # [GROUP_PAD]
         tl.store(part_lse_ptr + part, lse, mask=g_mask)
         tl.store(part_o_ptr + part[:, None] * HEAD_DIM + d[None, :], out, mask=g_mask[:, None])
-    if FUSE_WRITE:  # last, so the new position above came from registers, never from a read-back
-        dst = (slot // BLOCK_SIZE) * stride_cblk + (slot % BLOCK_SIZE) * stride_ctok + kv_head * stride_ch + d
-        tl.store(cache_ptr + dst, k_new, mask=w_mask)
-        tl.store(cache_ptr + stride_ckv + dst, v_new, mask=w_mask)
 
 
 @triton.jit(do_not_specialize=["num_splits", "min_split_len"])
@@ -257,9 +285,11 @@ def _launch(
         part_o = torch.empty(num_seqs, num_q_heads, splits, head_dim, device=q.device, dtype=torch.float32)
         part_lse = torch.empty(num_seqs, num_q_heads, splits, device=q.device, dtype=torch.float32)
     k, v, slots = new_kv if new_kv is not None else (q, q, seq_lens)  # placeholders, unused without the write
-    # PDL only in the latency-bound regime: at batch 64 the early-scheduled reduce kernel took SM
-    # slots from the partial kernel and the 0.6B step lost 0.13 ms (H200).
-    pdl = pdl_launch_options(q.device, enable=num_seqs * num_kv_heads < _num_sms(q.device))
+    # The partial kernel always launches with PDL (its set-up and first tile overlap the previous
+    # kernel); the reduce kernel only in the latency-bound regime: at batch 64 an early-scheduled
+    # reduce took SM slots from the partial kernel and the 0.6B step lost 0.13 ms (H200).
+    pdl = pdl_launch_options(q.device)
+    pdl_reduce = pdl_launch_options(q.device, enable=num_seqs * num_kv_heads < _num_sms(q.device))
     _decode_partial_kernel[(num_seqs, num_kv_heads, splits)](
         q, k, v, kv_cache, slots, block_tables, seq_lens, out, part_o, part_lse,
         scale * LOG2E, splits, min_split_len, max_context, slots.shape[0],
@@ -273,7 +303,7 @@ def _launch(
     if splits > 1:
         _decode_reduce_kernel[(num_seqs, num_q_heads)](
             part_o, part_lse, seq_lens, out, splits, min_split_len, max_context, out.stride(0), out.stride(1),
-            HEAD_DIM=head_dim, BLOCK_N=config.block_n, SPLITS_BLOCK=REDUCE_SPLITS_BLOCK, num_warps=4, **pdl,
+            HEAD_DIM=head_dim, BLOCK_N=config.block_n, SPLITS_BLOCK=REDUCE_SPLITS_BLOCK, num_warps=4, **pdl_reduce,
         )
     return out
 
