@@ -6,6 +6,10 @@ LM head + sampling, postprocess; on the throughput scenario's workload.
 Each phase is bracketed by device synchronizations, so its time is its own host time plus the
 device work it launched; the run is slower than an unsynchronized one (``throughput`` measures
 that), but the split shows which phase to attack. Decode forwards are also split by batch size.
+
+A first, unsynchronized run is timed on the device instead: CUDA events around each step's launch
+(forward, with the LM head when a decode graph replays) and its sampling give the device time of
+each kind of step, and what is left of the wall time is the device waiting for the host.
 """
 from __future__ import annotations
 
@@ -44,6 +48,50 @@ class Phases:
         setattr(obj, name, timed)
 
 
+class DeviceSpans:
+    """Device time between CUDA events recorded around calls, per phase name (no synchronization)."""
+
+    def __init__(self) -> None:
+        self.spans: list[tuple[str, torch.cuda.Event, torch.cuda.Event]] = []
+
+    def wrap(self, obj, name: str, phase) -> None:
+        inner = getattr(obj, name)
+
+        def timed(*args, **kwargs):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            out = inner(*args, **kwargs)
+            end.record()
+            self.spans.append((phase(*args), start, end))
+            return out
+        setattr(obj, name, timed)
+
+    def totals(self) -> tuple[Phases, float]:
+        """Seconds and calls per phase, and the seconds from the first event to the last."""
+        torch.cuda.synchronize()
+        totals = Phases()
+        for key, start, end in self.spans:
+            totals.seconds[key] += start.elapsed_time(end) / 1e3
+            totals.calls[key] += 1
+        return totals, self.spans[0][1].elapsed_time(self.spans[-1][2]) / 1e3
+
+
+def _launch_phase(batch, *args) -> str:
+    if batch.is_prefill:
+        return "launch prefill/mixed"
+    return f"launch decode (<= {1 << max(0, (len(batch.entries) - 1).bit_length())} seqs)"
+
+
+def _print_table(phases: Phases, total: float) -> None:
+    print("| phase | calls | seconds | ms/call | share |")
+    print("|---|---|---|---|---|")
+    for key in sorted(phases.seconds, key=phases.seconds.get, reverse=True):
+        s = phases.seconds[key]
+        print(f"| {key} | {phases.calls[key]} | {s:.3f} | {1e3 * s / phases.calls[key]:.3f} | {s / total:.1%} |")
+    accounted = sum(phases.seconds.values())
+    print(f"| (unaccounted) | | {total - accounted:.3f} | | {(total - accounted) / total:.1%} |")
+
+
 def _forward_phase(runner):
     def phase(input_ids, positions, metadata) -> str:
         if metadata.is_uniform_decode:
@@ -73,13 +121,19 @@ def main() -> None:
                   device="cuda", max_num_batched_tokens=MAX_BATCHED_TOKENS, **LLM_MODES[args.mode])
         llm.generate([prompts[0][:16]], SamplingParams(max_tokens=4, ignore_eos=True), use_tqdm=False)
         params = [SamplingParams(temperature=workload.temperature, max_tokens=n, ignore_eos=True) for n in outputs]
+        runner = llm.runner
+        device = DeviceSpans()
+        launch, sample_fn = runner.launch, runner._sample
+        device.wrap(runner, "launch", _launch_phase)
+        device.wrap(runner, "_sample", lambda *a: "sample")
         torch.cuda.synchronize()
         start = time.perf_counter()
         llm.generate(prompts, params, use_tqdm=False)
         torch.cuda.synchronize()
         plain = time.perf_counter() - start
+        runner.launch, runner._sample = launch, sample_fn
+        device_phases, device_total = device.totals()
         phases = Phases()
-        runner = llm.runner
         phases.wrap(llm.scheduler, "schedule", lambda: "schedule")
         phases.wrap(llm.scheduler, "schedule_ahead", lambda prev: "schedule")
         phases.wrap(llm.scheduler, "postprocess", lambda *a: "postprocess")
@@ -93,13 +147,11 @@ def main() -> None:
     tokens = sum(outputs)
     print(f"{args.seqs} sequences, {tokens} output tokens: {plain:.2f} s unsynchronized "
           f"({tokens / plain:.0f} tok/s); {timed:.2f} s with phase timers")
-    print("| phase | calls | seconds | ms/call | share |")
-    print("|---|---|---|---|---|")
-    for key in sorted(phases.seconds, key=phases.seconds.get, reverse=True):
-        s = phases.seconds[key]
-        print(f"| {key} | {phases.calls[key]} | {s:.3f} | {1e3 * s / phases.calls[key]:.3f} | {s / timed:.1%} |")
-    accounted = sum(phases.seconds.values())
-    print(f"| (unaccounted) | | {timed - accounted:.3f} | | {(timed - accounted) / timed:.1%} |")
+    print(f"\ndevice time per phase, unsynchronized run (first to last event {device_total:.2f} s; "
+          f"unaccounted: the device waiting for the host):")
+    _print_table(device_phases, device_total)
+    print("\nhost + device time per phase, synchronized run:")
+    _print_table(phases, timed)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """Profile decode steps of the Qwen3-shaped model in one compile mode (torch.profiler tables).
 
     python -m infer.benchmarks.profile_step --mode piecewise-eager --batch 1 [--steps 5]
+    python -m infer.benchmarks.profile_step --mode full-inductor --batch 16 --prefill 1024   # a prefill step
 """
 from __future__ import annotations
 
@@ -21,13 +22,17 @@ def main() -> None:
     parser.add_argument("--context", type=int, default=512)
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--rows", type=int, default=25)
+    parser.add_argument("--prefill", type=int, default=0,
+                        help="profile a prefill step of this many new tokens per sequence (the context is its length)")
     args = parser.parse_args()
-    blocks_per_seq = (args.context + BLOCK) // BLOCK + 1
+    new = max(1, args.prefill)  # query tokens per sequence
+    context = args.prefill if args.prefill else args.context + 1  # sequence length, this step included
+    blocks_per_seq = (context + BLOCK - 1) // BLOCK + 1
     model, _ = build(args.shape, args.batch * blocks_per_seq)
     tables = [[b * blocks_per_seq + j for j in range(blocks_per_seq)] for b in range(args.batch)]
-    md = AttentionMetadata.build([1] * args.batch, [args.context + 1] * args.batch, tables, BLOCK, "cuda")
-    ids = torch.randint(0, 1000, (args.batch,), device="cuda")
-    pos = torch.full((args.batch,), args.context, device="cuda")
+    md = AttentionMetadata.build([new] * args.batch, [context] * args.batch, tables, BLOCK, "cuda")
+    ids = torch.randint(0, 1000, (args.batch * new,), device="cuda")
+    pos = torch.arange(context - new, context, device="cuda").repeat(args.batch)
     options = MODES[args.mode]
     forward = model.forward if options is None else torch.compile(
         model.forward, backend="infer", options=dict(options, cudagraph_capture_sizes=(args.batch,)))
@@ -42,9 +47,9 @@ def main() -> None:
                 forward(ids, pos)
             torch.cuda.synchronize()
     table = prof.key_averages()
-    print(f"== {args.mode} batch {args.batch}: by self CPU time")
+    print(f"== {args.mode} batch {args.batch} x {new} tokens: by self CPU time")
     print(table.table(sort_by="self_cpu_time_total", row_limit=args.rows, max_name_column_width=60))
-    print(f"== {args.mode} batch {args.batch}: by device time")
+    print(f"== {args.mode} batch {args.batch} x {new} tokens: by device time")
     print(table.table(sort_by="self_cuda_time_total", row_limit=args.rows, max_name_column_width=60))
 
 

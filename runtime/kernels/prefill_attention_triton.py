@@ -33,9 +33,9 @@ class PrefillConfig:
         return PrefillConfig(self.block_m, min(self.block_n, 32), max(self.num_warps, 8), 1)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_tokens"])
 def _prefill_kernel(
-    q_ptr, cache_ptr, out_ptr, block_tables_ptr, seq_lens_ptr, query_start_ptr, scale_log2e,
+    q_ptr, cache_ptr, out_ptr, block_tables_ptr, seq_lens_ptr, query_start_ptr, scale_log2e, num_tokens,
     stride_qt, stride_qh, stride_ot, stride_oh,
     stride_ckv, stride_cblk, stride_ctok, stride_ch, stride_bt,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
@@ -44,6 +44,15 @@ def _prefill_kernel(
     m_block = tl.program_id(0)
     seq = tl.program_id(1)
     head = tl.program_id(2)
+    d = tl.arange(0, HEAD_DIM)
+    if seq == tl.num_programs(1) - 1:  # the row of programs past the last sequence zero the padding rows
+        step = tl.num_programs(0) * BLOCK_M
+        for r0 in range(tl.load(query_start_ptr + seq) + m_block * BLOCK_M, num_tokens, step):
+            r = (r0 + tl.arange(0, BLOCK_M)).to(tl.int64)
+            zeros = tl.zeros([BLOCK_M, HEAD_DIM], out_ptr.dtype.element_ty)
+            tl.store(out_ptr + r[:, None] * stride_ot + head * stride_oh + d[None, :], zeros,
+                     mask=(r < num_tokens)[:, None])
+        return
     q_start = tl.load(query_start_ptr + seq)
     q_len = tl.load(query_start_ptr + seq + 1) - q_start
     if m_block * BLOCK_M >= q_len:
@@ -52,7 +61,6 @@ def _prefill_kernel(
     context = seq_len - q_len  # position of the first query row
 
     m = m_block * BLOCK_M + tl.arange(0, BLOCK_M)
-    d = tl.arange(0, HEAD_DIM)
     m_mask = m < q_len
     rows = (q_start + m).to(tl.int64)
     q = tl.load(q_ptr + rows[:, None] * stride_qt + head * stride_qh + d[None, :],
@@ -100,18 +108,21 @@ def prefill_attention(
         query_start_loc: ``[B+1] int32``; seq_lens ``[B] int32``; block_tables ``[B, W] int32``.
         max_query_len: host-side upper bound of the query lengths (sizes the grid).
     Returns:
-        ``[T, Hq, D]`` in q's dtype (``out`` if given; it is zero-filled first).
+        ``[T, Hq, D]`` in q's dtype (``out`` if given).
     """
     config = (config or PrefillConfig()).for_head_dim(q.shape[2])
     num_tokens, num_q_heads, head_dim = q.shape
     num_kv_heads, block_size = kv_cache.shape[3], kv_cache.shape[2]
     num_seqs = block_tables.shape[0]
-    out = torch.zeros_like(q) if out is None else out.zero_()  # [T, Hq, D]
-    if num_seqs == 0 or max_query_len <= 0:
+    out = torch.empty_like(q) if out is None else out  # [T, Hq, D]
+    if num_tokens == 0:
         return out
-    grid = (triton.cdiv(max_query_len, config.block_m), num_seqs, num_q_heads)
+    if num_seqs == 0 or max_query_len <= 0:
+        return out.zero_()
+    # grid row num_seqs: programs that zero the padding rows past query_start_loc[-1] (known on the device)
+    grid = (triton.cdiv(max_query_len, config.block_m), num_seqs + 1, num_q_heads)
     _prefill_kernel[grid](
-        q, kv_cache, out, block_tables, seq_lens, query_start_loc, scale * LOG2E,
+        q, kv_cache, out, block_tables, seq_lens, query_start_loc, scale * LOG2E, num_tokens,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2), kv_cache.stride(3), block_tables.stride(0),
         GROUP=num_q_heads // num_kv_heads, HEAD_DIM=head_dim, BLOCK_SIZE=block_size,

@@ -148,6 +148,22 @@ def test_triton_prefill_kernel(block_m):
     assert out[-2:].abs().max() == 0
 
 
+
+def test_triton_prefill_kernel_zeroes_every_padding_row():
+    """Padding rows are zeroed by the kernel, not by a fill of the whole output: with ``out`` full of
+    NaN and more padding rows (40) than one pass of the padding programs covers (2 x 16), every real
+    row holds attention and every padding row is 0."""
+    kernels = _triton()
+    batch = make_batch([1, 23, 5], [30, 23, 37], 4, 2, 64, 16, dtype=torch.float16, pad=40, device=KERNEL_DEVICE)
+    kernels.write_kv_cache(batch.k, batch.v, batch.cache, batch.md.slot_mapping)
+    md = batch.md
+    out = torch.full_like(batch.q, float("nan"))
+    got = kernels.prefill_attention(batch.q, batch.cache, md.query_start_loc, md.seq_lens, md.block_tables,
+                                    md.max_query_len, 0.125, out=out, config=kernels.PrefillConfig(16, 16))
+    assert got is out
+    torch.testing.assert_close(out, attend_reference(batch.q, batch.cache, 0.125, md), rtol=2e-3, atol=2e-3)
+    assert out[-40:].abs().max() == 0
+
 @pytest.mark.parametrize("name", ["decode", "prefill_prefix"])
 def test_triton_backend_through_op(name, monkeypatch):
     _triton()
