@@ -22,15 +22,21 @@ import torch
 
 from .decode_step import qwen3_config
 from .hf_baselines import save_checkpoint
-from .throughput import LLM_MODES, MAX_BATCHED_TOKENS, MAX_MODEL_LEN, Workload
+from .throughput import LLM_MODES, MAX_BATCHED_TOKENS, MAX_MODEL_LEN, WARMUP_SEQS, Workload
 
 
 class Phases:
-    """Accumulated seconds and counts per phase name."""
+    """Accumulated seconds, counts and the longest call per phase name."""
 
     def __init__(self) -> None:
         self.seconds: dict[str, float] = collections.defaultdict(float)
         self.calls: dict[str, int] = collections.defaultdict(int)
+        self.longest: dict[str, float] = collections.defaultdict(float)
+
+    def add(self, key: str, seconds: float) -> None:
+        self.seconds[key] += seconds
+        self.calls[key] += 1
+        self.longest[key] = max(self.longest[key], seconds)
 
     def wrap(self, obj, name: str, phase) -> None:
         """Replace ``obj.name`` with a synchronized, timed call; ``phase(*args)`` names the phase."""
@@ -41,9 +47,7 @@ class Phases:
             start = time.perf_counter()
             out = inner(*args, **kwargs)
             torch.cuda.synchronize()
-            key = phase(*args)
-            self.seconds[key] += time.perf_counter() - start
-            self.calls[key] += 1
+            self.add(phase(*args), time.perf_counter() - start)
             return out
         setattr(obj, name, timed)
 
@@ -71,8 +75,7 @@ class DeviceSpans:
         torch.cuda.synchronize()
         totals = Phases()
         for key, start, end in self.spans:
-            totals.seconds[key] += start.elapsed_time(end) / 1e3
-            totals.calls[key] += 1
+            totals.add(key, start.elapsed_time(end) / 1e3)
         return totals, self.spans[0][1].elapsed_time(self.spans[-1][2]) / 1e3
 
 
@@ -83,13 +86,13 @@ def _launch_phase(batch, *args) -> str:
 
 
 def _print_table(phases: Phases, total: float) -> None:
-    print("| phase | calls | seconds | ms/call | share |")
-    print("|---|---|---|---|---|")
+    print("| phase | calls | seconds | ms/call | longest ms | share |")
+    print("|---|---|---|---|---|---|")
     for key in sorted(phases.seconds, key=phases.seconds.get, reverse=True):
-        s = phases.seconds[key]
-        print(f"| {key} | {phases.calls[key]} | {s:.3f} | {1e3 * s / phases.calls[key]:.3f} | {s / total:.1%} |")
+        s, n = phases.seconds[key], phases.calls[key]
+        print(f"| {key} | {n} | {s:.3f} | {1e3 * s / n:.3f} | {1e3 * phases.longest[key]:.3f} | {s / total:.1%} |")
     accounted = sum(phases.seconds.values())
-    print(f"| (unaccounted) | | {total - accounted:.3f} | | {(total - accounted) / total:.1%} |")
+    print(f"| (unaccounted) | | {total - accounted:.3f} | | | {(total - accounted) / total:.1%} |")
 
 
 def _forward_phase(runner):
@@ -119,7 +122,8 @@ def main() -> None:
         save_checkpoint(cfg, folder, "cuda")
         llm = LLM(folder, dtype="bfloat16", max_model_len=MAX_MODEL_LEN, max_num_seqs=len(prompts), compile=True,
                   device="cuda", max_num_batched_tokens=MAX_BATCHED_TOKENS, **LLM_MODES[args.mode])
-        llm.generate([prompts[0][:16]], SamplingParams(max_tokens=4, ignore_eos=True), use_tqdm=False)
+        warmup = SamplingParams(temperature=workload.temperature, max_tokens=4, ignore_eos=True)
+        llm.generate([p[:16] for p in prompts[:WARMUP_SEQS]], warmup, use_tqdm=False)  # as throughput's warm-up
         params = [SamplingParams(temperature=workload.temperature, max_tokens=n, ignore_eos=True) for n in outputs]
         runner = llm.runner
         device = DeviceSpans()

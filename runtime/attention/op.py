@@ -116,7 +116,7 @@ def _run_triton(q: Tensor, k: Tensor, v: Tensor, kv_cache: Tensor, scale: float,
     if q.shape[2] not in SUPPORTED_HEAD_DIMS:
         raise ValueError(f"triton paged attention supports head_dim {SUPPORTED_HEAD_DIMS}, got {q.shape[2]}")
     if not use_flash and md.is_uniform_decode and q.shape[0] == md.num_seqs \
-            and kernels.fuse_kv_write(md.num_seqs, kv_cache.shape[3], q.device):
+            and kernels.fuse_kv_write():
         # one kernel: the decode program covering each sequence's last position also stores its k/v
         return kernels.decode_attention_with_kv_write(
             q, k, v, kv_cache, md.slot_mapping, md.seq_lens, md.block_tables, scale

@@ -130,7 +130,7 @@ def _gumbel_argmax_kernel(x_ptr, val_ptr, idx_ptr, out_ptr, seed, scale, stride,
         tl.store(out_ptr + row, idx.to(tl.int64))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["splits"])
 def _argmax_splits_kernel(val_ptr, idx_ptr, out_ptr, splits, BLOCK_S: tl.constexpr):
     """One row: the index of the best split's score, ties to the earlier split (the lower index)."""
     row = tl.program_id(0)
@@ -214,7 +214,10 @@ def gumbel_sample(logits: torch.Tensor, temperature: float, seed: int,
             seed, temperature * LN2, logits.stride(0), vocab, per_split,
             BLOCK=cfg.block, SPLIT=splits > 1, FAST_LOG=_fast_log(logits), num_warps=cfg.num_warps)
         if splits > 1:
-            _argmax_splits_kernel[(n,)](val, idx, out, splits, BLOCK_S=triton.next_power_of_2(splits), num_warps=1)
+            # BLOCK_S covers the most splits this vocab and tile can have, not this batch's count:
+            # one compiled variant serves every batch size (a new one mid-generation cost ~0.1 s).
+            most = triton.next_power_of_2(triton.cdiv(vocab, cfg.block))
+            _argmax_splits_kernel[(n,)](val, idx, out, splits, BLOCK_S=most, num_warps=1)
     return out
 
 
