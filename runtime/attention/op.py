@@ -10,7 +10,9 @@ Layouts: ``q`` is ``[T, Hq*D]`` or ``[T, Hq, D]``; ``k``/``v`` are ``[T, Hkv*D]`
 and is contiguous; the fake implementation returns ``q.new_empty(q.shape)``.
 
 The op writes k/v at ``slot_mapping`` (skipping ``-1``), then runs causal attention of each query
-token over its sequence's cache. Per-step metadata comes from ``get_forward_context()``, not from
+token over its sequence's cache. A slot written in a step must not be read by another sequence in
+that step (the block manager shares only full, already written blocks): on CUDA a decode step
+writes and reads in one kernel, whose programs run in no fixed order. Per-step metadata comes from ``get_forward_context()``, not from
 graph inputs, so one traced graph serves every step; the ``(a!)`` annotation keeps the cache
 mutation visible to functionalization so the op is never reordered or dropped.
 """

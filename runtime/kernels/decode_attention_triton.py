@@ -344,7 +344,8 @@ def decode_attention_with_kv_write(
     """``write_kv_cache(k, v, kv_cache, slot_mapping)`` then ``decode_attention(...)``, in one kernel.
 
     Sequence ``b``'s query sits at position ``seq_lens[b] - 1``, and ``slot_mapping[b]`` must be the
-    cache slot of that position in ``block_tables[b]``. A slot ``< 0`` (or a row past the end of
+    cache slot of that position in ``block_tables[b]``, read by no other sequence of the batch (the
+    programs write and read in no fixed order). A slot ``< 0`` (or a row past the end of
     ``slot_mapping``) is a padding row: nothing is written; with ``seq_lens[b] == 0`` it gives zeros.
 
     Args:

@@ -10,6 +10,7 @@ from infer.models.loader import load_model
 from infer.runtime.attention import Attention, AttentionMetadata, forward_context
 
 BLOCK = 4
+NUM_BLOCKS = 128  # 16 sequences x 8 blocks: no two sequences share a block
 
 
 def _model(tmp_path, device="cpu", dtype=torch.float32, layers=2):
@@ -22,7 +23,7 @@ def _model(tmp_path, device="cpu", dtype=torch.float32, layers=2):
     model, _ = load_model(tmp_path, dtype=dtype, device=device)
     for m in model.modules():
         if isinstance(m, Attention):
-            m.bind_kv_cache(torch.zeros(2, 64, BLOCK, m.num_kv_heads, m.head_dim, dtype=dtype, device=device))
+            m.bind_kv_cache(torch.zeros(2, NUM_BLOCKS, BLOCK, m.num_kv_heads, m.head_dim, dtype=dtype, device=device))
     return model
 
 
@@ -83,7 +84,9 @@ def test_unsplit_graph_matches_split(tmp_path):
 
 
 def _decode_metadata(batch, device, lens):
-    tables = [[(b * 8 + j) % 64 for j in range(8)] for b in range(batch)]
+    # Blocks of their own, as the engine's block manager hands them out: a block that another
+    # sequence reads while this step writes into it would race in the fused write + decode kernel.
+    tables = [[b * 8 + j for j in range(8)] for b in range(batch)]
     return AttentionMetadata.build([1] * batch, lens, tables, BLOCK, device, max_blocks_per_seq=8)
 
 
