@@ -16,6 +16,17 @@ from torch import Tensor
 PAD_SLOT = -1  # slot_mapping value of a padding token: nothing is written to the cache
 
 
+def host_to_device(values: list, dtype: torch.dtype, device: torch.device | str) -> Tensor:
+    """``torch.tensor(values)`` on ``device``. For CUDA, through pinned memory without blocking the
+    host: a copy from pageable memory waits for the device to finish its queued work, and a
+    prefill step builds its inputs while the previous step may still run (the pinned block is not
+    reused before the copy is done)."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return torch.tensor(values, dtype=dtype, device=device)
+    return torch.tensor(values, dtype=dtype, pin_memory=True).to(device, non_blocking=True)
+
+
 def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
@@ -124,10 +135,15 @@ class AttentionMetadata:
                     f"sequence {b}: seq_len={s_len} needs {_cdiv(s_len, block_size)} blocks of "
                     f"{block_size}, block table has {len(table)}"
                 )
-            if any(blk < 0 for blk in table):
+            if len(table) and min(table) < 0:
                 raise ValueError(f"sequence {b}: negative block id in block table {list(table)}")
-            for pos in range(s_len - q_len, s_len):
-                slots.append(table[pos // block_size] * block_size + pos % block_size)
+            pos = s_len - q_len
+            while pos < s_len:  # one run of consecutive slots per block (a prefill has thousands of tokens)
+                offset = pos % block_size
+                n = min(block_size - offset, s_len - pos)
+                first = table[pos // block_size] * block_size + offset
+                slots.extend(range(first, first + n))
+                pos += n
         width = max((len(t) for t in block_tables), default=0)
         width = max(width, 1) if max_blocks_per_seq is None else max_blocks_per_seq
         if any(len(t) > width for t in block_tables):
@@ -141,10 +157,10 @@ class AttentionMetadata:
         for q_len in query_lens:
             starts.append(starts[-1] + q_len)
         return cls(
-            slot_mapping=torch.tensor(slots, dtype=torch.int64, device=device),
-            query_start_loc=torch.tensor(starts, dtype=torch.int32, device=device),
-            seq_lens=torch.tensor(list(seq_lens), dtype=torch.int32, device=device),
-            block_tables=torch.tensor(table_rows, dtype=torch.int32, device=device).view(num_seqs, width),
+            slot_mapping=host_to_device(slots, torch.int64, device),
+            query_start_loc=host_to_device(starts, torch.int32, device),
+            seq_lens=host_to_device(list(seq_lens), torch.int32, device),
+            block_tables=host_to_device(table_rows, torch.int32, device).view(num_seqs, width),
             max_query_len=max(query_lens, default=0),
             max_seq_len=max(seq_lens, default=0),
             num_seqs=num_seqs,

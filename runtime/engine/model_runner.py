@@ -10,6 +10,7 @@ from torch._dynamo.decorators import mark_unbacked
 
 from ...compiler.stages import compile_stages, direct_stages, lookup_stages, store_stages
 from ..attention import AttentionMetadata, forward_context
+from ..attention.metadata import host_to_device
 from ..kernels.precompile import parallel_compiles
 from .config import EngineConfig
 from .decode_buffers import DecodeBuffers
@@ -268,4 +269,4 @@ class ModelRunner(StartupSteps):
         return index.to(self.device, non_blocking=True)
 
     def _tensor(self, values: list[int]) -> Tensor:
-        return torch.tensor(values, dtype=torch.int64, device=self.device)
+        return host_to_device(values, torch.int64, self.device)

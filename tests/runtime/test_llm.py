@@ -230,12 +230,13 @@ def test_chunked_prefill_gives_the_same_output(tiny, monkeypatch):
 def test_bad_requests_fail_alone(tiny):
     folder, expected = tiny["llama"]
     llm = make_llm(folder)
-    prompts = [PROMPTS[0], [], [5] * 200, PROMPTS[2], [3, 256]]
+    prompts = [PROMPTS[0], [], [5] * 200, PROMPTS[2], [3, 256], [True, 3], [-1, 3], [4.0]]
     outputs = llm.generate(prompts, GREEDY, use_tqdm=False)
     assert token_ids([outputs[0], outputs[3]]) == [expected[0], expected[2]]
     errors = {i: o.error for i, o in enumerate(outputs) if o.finish_reason == "error"}
-    assert sorted(errors) == [1, 2, 4]
+    assert sorted(errors) == [1, 2, 4, 5, 6, 7]
     assert "empty" in errors[1] and "max_model_len=128" in errors[2] and "[0, 256)" in errors[4]
+    assert "[True]" in errors[5] and "[-1]" in errors[6] and "[4.0]" in errors[7]
     text = llm.generate(["hello world", ""], GREEDY, use_tqdm=False)
     assert text[0].error is None and text[0].prompt_token_ids == [3, 4] and len(text[0].text.split()) == MAX_TOKENS
     assert text[1].finish_reason == "error" and "empty" in text[1].error
