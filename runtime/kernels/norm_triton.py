@@ -8,9 +8,6 @@ are walked in chunks twice (sum of squares, then scale and store). The tile and 
 follow from the row length alone and ``n_rows`` is not specialized, so every token count (each
 CUDA-graph capture size) runs one compiled variant.
 
-With PDL (:mod:`infer.runtime.kernels.pdl`) a launch is set up while the kernel before it (a GEMM)
-finishes and starts on that kernel's last write rather than a launch's latency later.
-
 All arithmetic is fp32; the rounding points follow the eager spelling documented in
 :mod:`infer.runtime.ops.norm`. The launchers run on CPU tensors under ``TRITON_INTERPRET=1``.
 """
@@ -23,10 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .pdl import pdl_launch_options
-
 MAX_FUSED_BLOCK = 16384  # longest row (elements) held in registers for the one-pass path
-
 _TILE = 4096  # target elements per program when several short rows share one program
 _ELEMS_PER_WARP = 512
 
@@ -63,10 +57,7 @@ def _rms_norm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, s_ptr,
                      n_rows, n_cols, x_stride, res_stride, out_stride, s_stride, eps,
                      HAS_RESIDUAL: tl.constexpr, HAS_WEIGHT: tl.constexpr,
                      CAST_BEFORE_WEIGHT: tl.constexpr, SINGLE_PASS: tl.constexpr,
-                     ROWS: tl.constexpr, BLOCK: tl.constexpr, USE_PDL: tl.constexpr):
-    if USE_PDL:  # everything below reads what earlier kernels wrote
-        tl.extra.cuda.gdc_launch_dependents()
-        tl.extra.cuda.gdc_wait()
+                     ROWS: tl.constexpr, BLOCK: tl.constexpr):
     # Without a residual the launcher passes s_ptr = x_ptr (never written), so
     # s_ptr's element type is always the dtype of the tensor being normalized.
     in_dtype: tl.constexpr = s_ptr.dtype.element_ty
@@ -142,8 +133,7 @@ def _launch(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor
             x2, r2, w, out2, s2, n_rows, n_cols, x2.stride(0), r2.stride(0), out2.stride(0),
             s2.stride(0), eps, HAS_RESIDUAL=residual is not None, HAS_WEIGHT=weight is not None,
             CAST_BEFORE_WEIGHT=cast_before_weight, SINGLE_PASS=single_pass,
-            ROWS=rows_per_prog, BLOCK=block, num_warps=num_warps,
-            **pdl_launch_options(x.device))  # one variant for every T (see the module docstring)
+            ROWS=rows_per_prog, BLOCK=block, num_warps=num_warps)
     return out, s
 
 
