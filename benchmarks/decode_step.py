@@ -5,7 +5,9 @@
 
 A step is one token for each of `batch` sequences that already hold `context` tokens. Floor =
 (weight bytes read per step + KV bytes read) / copy bandwidth (2 GiB bf16 copy, read + written).
-The embedding counts only for gathered rows; a tied LM head counts in full.
+The embedding counts only for gathered rows; a tied LM head counts in full, and the timed step
+includes it (before 2026-11-22 this script timed the forward alone against that floor, which made
+its ratios ~0.1 ms per step too good at 0.6B; the harness's ``decode`` scenario always included it).
 """
 from __future__ import annotations
 
@@ -167,7 +169,7 @@ def main() -> None:
     for batch in args.batch:
         floor_ms = floor_bytes(model, cfg, batch, args.context) / (bw * 1e9) * 1e3
         for mode in args.modes:
-            ms, startup = time_mode(model, MODES[mode], batch, args.context)
+            ms, startup = time_mode(model, MODES[mode], batch, args.context, logits=True)
             rows.append(dict(shape=args.shape, mode=mode, batch=batch, context=args.context, ms=ms,
                              floor_ms=floor_ms, ratio=ms / floor_ms, startup_s=startup))
             print(f"{mode} batch {batch}: {ms:.3f} ms/step ({ms / floor_ms:.2f}x floor), "
