@@ -154,8 +154,8 @@ def qk_rotary_triton(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: t
     block_half = triton.next_power_of_2(max(half, 1))
     tail = head_dim - 2 * half
     block_tail = triton.next_power_of_2(tail) if tail > 0 else 0
-    # Heads per program: a power of two that divides neither group's count badly (GQA's k has fewer
-    # heads than q: the smaller count, so no program holds masked-off rows), about _TILE elements.
+    # Heads per program: the smaller head count (k's under GQA) rounded up to a power of two, so
+    # k's programs hold no masked-off rows; at most about _TILE elements.
     per_head = 2 * block_half + block_tail
     block_h = min(triton.next_power_of_2(max(min(n_q_heads, n_k_heads), 1)), max(1, _TILE // per_head))
     groups = triton.cdiv(n_q_heads, block_h) + triton.cdiv(n_k_heads, block_h)
@@ -173,21 +173,6 @@ def qk_rotary_triton(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: t
             Q_CAST=q_norm is not None and q_norm.cast_before_weight,
             K_CAST=k_norm is not None and k_norm.cast_before_weight,
             BLOCK_H=block_h, BLOCK_HALF=block_half, BLOCK_TAIL=block_tail, BY_HAND=not q.is_cuda,
-            num_warps=num_warps, enable_fp_fusion=False,
-            **pdl_launch_options(q.device, enable=n_tokens <= PDL_MAX_TOKENS))
-    return q_out, k_out
-    q_w = None if q_norm is None else q_norm.weight
-    k_w = None if k_norm is None else k_norm.weight
-    num_warps = max(1, min(8, block_h * block_d // _ELEMS_PER_WARP))
-    with _device_guard(q):
-        _qk_rotary_kernel[(n_tokens, groups)](
-            q, k, q_out, k_out, q if q_w is None else q_w.contiguous(), k if k_w is None else k_w.contiguous(),
-            cos, sin, n_q_heads, n_k_heads, head_dim, half, *q.stride(), *k.stride(), *cos.stride(), *sin.stride(),
-            0.0 if q_norm is None else q_norm.eps, 0.0 if k_norm is None else k_norm.eps,
-            NORM=q_norm is not None, Q_WEIGHT=q_w is not None, K_WEIGHT=k_w is not None,
-            Q_CAST=q_norm is not None and q_norm.cast_before_weight,
-            K_CAST=k_norm is not None and k_norm.cast_before_weight,
-            BLOCK_H=block_h, BLOCK_D=block_d,
             num_warps=num_warps, enable_fp_fusion=False,
             **pdl_launch_options(q.device, enable=n_tokens <= PDL_MAX_TOKENS))
     return q_out, k_out
