@@ -101,7 +101,7 @@ def run_kernels(settings: Settings) -> Table:
         table.add(dict(kernel="paged decode attention", status=status_of(err)))
         return table
     table.meta["attention_copy_gbps"] = copy_gbps
-    from ..runtime.kernels.decode_attention_triton import DecodeConfig
+    from ..runtime.kernels.decode_plan import DecodeConfig
     for batch in (64,) if settings.quick else (64, 256):
         for block in (16,) if settings.quick else (16, 64):
             def case(batch=batch, block=block) -> dict:

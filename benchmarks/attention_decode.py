@@ -98,7 +98,7 @@ def make_step(path, q, cache, seq_lens, block_tables, scale, out, config, num_sp
 
 
 def run_case(batch, context, block_size, config, num_splits, hq=16, hkv=8, d=128, iters=50, path="decode") -> dict:
-    from ..runtime.kernels.decode_attention_triton import choose_num_splits
+    from ..runtime.kernels.decode_plan import choose_num_splits
 
     q, cache, seq_lens, block_tables = make_decode_batch(batch, context, block_size, hq, hkv, d)
     scale = d**-0.5
@@ -143,7 +143,7 @@ def markdown_table(rows: list[dict], copy_gbps: float) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from ..runtime.kernels.decode_attention_triton import DecodeConfig
+    from ..runtime.kernels.decode_plan import DecodeConfig
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batch", type=int, nargs="+", default=[64, 256])

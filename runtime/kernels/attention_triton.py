@@ -9,9 +9,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .decode_attention_triton import (
-    DecodeConfig, choose_num_splits, decode_attention, decode_attention_with_kv_write, fuse_kv_write, plan_splits,
-)
+from .decode_attention_triton import decode_attention, decode_attention_with_kv_write
+from .decode_plan import DecodeConfig, choose_num_splits, fuse_kv_write, plan_splits
 from .prefill_attention_triton import PrefillConfig, prefill_attention
 
 __all__ = [

@@ -28,86 +28,16 @@ so capturing ~35 batch sizes compiles each kernel once per head/dtype shape, not
 """
 from __future__ import annotations
 
-import functools
-import os
-from dataclasses import dataclass
-
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
+from .decode_plan import DecodeConfig, plan_splits, sm_count
 from .pdl import pdl_launch_options
 
 LOG2E = 1.4426950408889634
-FUSE_KV_WRITE = os.environ.get("INFER_FUSE_KV_WRITE", "1") != "0"  # A/B switch for benchmarks
 REDUCE_SPLITS_BLOCK = 16  # partials combined per reduce iteration (fixed: no recompile per batch size)
-
-
-@dataclass(frozen=True, slots=True)
-class DecodeConfig:
-    """Tuning knobs of the decode kernel (tune on the GPU with benchmarks/attention_decode.py)."""
-
-    block_n: int = 64  # KV tokens per loop iteration, gathered across pages
-    num_warps: int = 4
-    num_stages: int = 3  # software-pipelining depth of the KV loads
-    programs_per_sm: int = 4  # split until num_seqs * num_kv_heads * splits reaches this * SMs
-    # Shortest split once num_seqs * num_kv_heads fills the SMs. There a second split (and the
-    # reduce kernel) cost more than the parallelism they add: H200, 8 kv heads, head_dim 128, one
-    # split against two at batch 32-128 and context 512-1024 was 14-22% faster (e.g. batch 64,
-    # context 512: 41.9 vs 53.8 us), so contexts up to this many tokens take one split.
-    min_split_tokens: int = 4096
-    max_splits: int = 64
-
-    def for_head_dim(self, head_dim: int) -> "DecodeConfig":
-        """Halve the KV tile for head_dim 256 so the pipelined K/V stages fit in shared memory."""
-        if head_dim <= 128 or self.block_n <= 32:
-            return self
-        return DecodeConfig(32, self.num_warps, self.num_stages, self.programs_per_sm,
-                            self.min_split_tokens, self.max_splits)
-
-
-@functools.lru_cache(maxsize=None)
-def _num_sms(device: torch.device) -> int:
-    if device.type != "cuda":
-        return 4  # Triton interpreter on CPU: keep the grid small
-    return torch.cuda.get_device_properties(device).multi_processor_count
-
-
-def plan_splits(
-    num_seqs: int, num_kv_heads: int, max_context: int, num_sms: int, config: DecodeConfig
-) -> tuple[int, int]:
-    """``(num_splits, min_split_len)`` from static quantities only (batch, heads, table width, SMs).
-
-    Aim for ``programs_per_sm * num_sms`` programs. While ``num_seqs * num_kv_heads`` is below the
-    SM count the programs are few and latency-bound, so splits may shrink to one ``block_n`` tile;
-    from there on splits stay at least ``min_split_tokens`` long (the bandwidth-bound regime).
-    """
-    base = max(num_seqs * num_kv_heads, 1)
-    min_tokens = config.block_n if base < num_sms else max(config.min_split_tokens, config.block_n)
-    wanted = triton.cdiv(config.programs_per_sm * num_sms, base)
-    by_length = triton.cdiv(max(max_context, 1), min_tokens)
-    splits = max(1, min(wanted, by_length, config.max_splits))
-    return splits, triton.cdiv(min_tokens, config.block_n) * config.block_n
-
-
-def fuse_kv_write() -> bool:
-    """Whether uniform decode steps store their k/v inside the decode kernel.
-
-    At every batch size (H100, ``benchmarks/attention_decode.py --paths write+decode fused``): the
-    write kernel's launch is saved, the first K/V tile is fetched before the PDL wait, and the
-    writer stores its row before its loop, so no register substitution weighs on the loop (which
-    used to spill and cost 30-35% of the bandwidth at large batch). ``INFER_FUSE_KV_WRITE=0``: the
-    two-kernel path, for A/B runs.
-    """
-    return FUSE_KV_WRITE
-
-
-def choose_num_splits(
-    num_seqs: int, num_kv_heads: int, max_context: int, device: torch.device, config: DecodeConfig
-) -> int:
-    """Splits per sequence on ``device`` (see ``plan_splits``)."""
-    return plan_splits(num_seqs, num_kv_heads, max_context, _num_sms(device), config)[0]
 
 
 @triton.jit
@@ -287,7 +217,7 @@ def _launch(
     if num_seqs == 0:
         return out
     max_context = width * block_size
-    splits, min_split_len = plan_splits(num_seqs, num_kv_heads, max_context, _num_sms(q.device), config)
+    splits, min_split_len = plan_splits(num_seqs, num_kv_heads, max_context, sm_count(q.device), config)
     if num_splits is not None:  # forced: an even share of each sequence, at least one tile
         splits, min_split_len = max(1, num_splits), config.block_n
     part_o = part_lse = out  # placeholders, unused when splits == 1
@@ -299,7 +229,7 @@ def _launch(
     # kernel); the reduce kernel only in the latency-bound regime: at batch 64 an early-scheduled
     # reduce took SM slots from the partial kernel and the 0.6B step lost 0.13 ms (H200).
     pdl = pdl_launch_options(q.device)
-    pdl_reduce = pdl_launch_options(q.device, enable=num_seqs * num_kv_heads < _num_sms(q.device))
+    pdl_reduce = pdl_launch_options(q.device, enable=num_seqs * num_kv_heads < sm_count(q.device))
     _decode_partial_kernel[(num_seqs, num_kv_heads, splits)](
         q, k, v, kv_cache, slots, block_tables, seq_lens, out, part_o, part_lse,
         scale * LOG2E, splits, min_split_len, max_context, slots.shape[0],
