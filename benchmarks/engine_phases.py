@@ -5,7 +5,9 @@ LM head + sampling, postprocess; on the throughput scenario's workload.
 
 Each phase is bracketed by device synchronizations, so its time is its own host time plus the
 device work it launched; the run is slower than an unsynchronized one (``throughput`` measures
-that), but the split shows which phase to attack. Decode forwards are also split by batch size.
+that), but the split shows which phase to attack. Forwards are split by batch size; with full
+decode graphs (the engine's default) a decode step replays its graph in ``launch`` and only prefill
+and mixed steps pass through ``forward``, so the device-span table below covers decode.
 
 A first, unsynchronized run is timed on the device instead: CUDA events around each step's launch
 (forward, with the LM head when a decode graph replays) and its sampling give the device time of

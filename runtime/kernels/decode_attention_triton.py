@@ -47,10 +47,17 @@ def _split_len(seq_len, num_splits, min_split_len, BLOCK_N: tl.constexpr):
 
 
 @triton.jit
-def _kv_rows(table, tok, t_mask, kv_head, stride_cblk, stride_ctok, stride_ch, BLOCK_SIZE: tl.constexpr):
-    """Cache offsets ``[BLOCK_N]`` of tokens ``tok`` of one kv head, gathered through the block table."""
-    blk = tl.load(table + tok // BLOCK_SIZE, mask=t_mask, other=0).to(tl.int64)
-    return blk * stride_cblk + (tok % BLOCK_SIZE) * stride_ctok + kv_head * stride_ch
+def _kv_tile(cache_ptr, table, n0, end, kv_head, d, stride_ckv, stride_cblk, stride_ctok, stride_ch,
+             BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr):
+    """``(k, v, mask)``: the ``[BLOCK_N, D]`` K and V rows of tokens ``n0..n0+BLOCK_N`` (those below
+    ``end``) of one kv head, gathered through the block table."""
+    tok = n0 + tl.arange(0, BLOCK_N)
+    mask = tok < end
+    blk = tl.load(table + tok // BLOCK_SIZE, mask=mask, other=0).to(tl.int64)
+    row = blk * stride_cblk + (tok % BLOCK_SIZE) * stride_ctok + kv_head * stride_ch  # [BLOCK_N]
+    k = tl.load(cache_ptr + row[:, None] + d[None, :], mask=mask[:, None], other=0.0)
+    v = tl.load(cache_ptr + stride_ckv + row[:, None] + d[None, :], mask=mask[:, None], other=0.0)
+    return k, v, mask
 
 
 @triton.jit
@@ -102,11 +109,8 @@ def _decode_partial_kernel(
         return
 
     table = block_tables_ptr + seq.to(tl.int64) * stride_bt
-    tok = start + tl.arange(0, BLOCK_N)  # the first tile, peeled off the loop
-    t_mask = tok < end
-    row = _kv_rows(table, tok, t_mask, kv_head, stride_cblk, stride_ctok, stride_ch, BLOCK_SIZE)  # [BLOCK_N]
-    k = tl.load(cache_ptr + row[:, None] + d[None, :], mask=t_mask[:, None], other=0.0)  # [BLOCK_N, D]
-    v = tl.load(cache_ptr + stride_ckv + row[:, None] + d[None, :], mask=t_mask[:, None], other=0.0)
+    k, v, t_mask = _kv_tile(cache_ptr, table, start, end, kv_head, d, stride_ckv, stride_cblk, stride_ctok,
+                            stride_ch, BLOCK_SIZE, BLOCK_N)  # the first tile, peeled off the loop
     if USE_PDL:
         if FUSE_WRITE:
             tl.extra.cuda.gdc_wait()  # q and this step's k/v are written by earlier kernels
@@ -123,7 +127,7 @@ def _decode_partial_kernel(
         # program's threads are ordered by it); the first tile was read before them and takes the
         # new row from registers.
         tl.debug_barrier()
-        is_new = (tok == new_pos)[:, None]  # [BLOCK_N, 1]
+        is_new = (start + tl.arange(0, BLOCK_N) == new_pos)[:, None]  # [BLOCK_N, 1]
         k = tl.where(is_new, k_new[None, :], k)
         v = tl.where(is_new, v_new[None, :], v)
 
@@ -138,11 +142,8 @@ def _decode_partial_kernel(
     if start < end:
         m_i, l_i, acc = _attend_tile(q, k, v, t_mask, m_i, l_i, acc, scale_log2e, PRECISION)
     for n0 in range(start + BLOCK_N, end, BLOCK_N):  # names of their own: nothing else is loop-carried
-        tok_n = n0 + tl.arange(0, BLOCK_N)
-        mask_n = tok_n < end
-        row_n = _kv_rows(table, tok_n, mask_n, kv_head, stride_cblk, stride_ctok, stride_ch, BLOCK_SIZE)
-        k_n = tl.load(cache_ptr + row_n[:, None] + d[None, :], mask=mask_n[:, None], other=0.0)  # [BLOCK_N, D]
-        v_n = tl.load(cache_ptr + stride_ckv + row_n[:, None] + d[None, :], mask=mask_n[:, None], other=0.0)
+        k_n, v_n, mask_n = _kv_tile(cache_ptr, table, n0, end, kv_head, d, stride_ckv, stride_cblk, stride_ctok,
+                                    stride_ch, BLOCK_SIZE, BLOCK_N)
         m_i, l_i, acc = _attend_tile(q, k_n, v_n, mask_n, m_i, l_i, acc, scale_log2e, PRECISION)
 
     has_keys = l_i > 0.0
