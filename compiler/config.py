@@ -7,7 +7,7 @@ from typing import Any, Mapping
 
 INNER_COMPILERS = ("inductor", "eager")
 CUDAGRAPH_MODES = ("none", "piecewise", "full")
-DEFAULT_SPLITTING_OPS = ("infer::paged_attention", "infer::rope_paged_attention")
+DEFAULT_SPLITTING_OPS = ("infer::paged_attention",)
 
 
 def default_capture_sizes() -> tuple[int, ...]:
@@ -26,7 +26,6 @@ class CompilerConfig:
     fuse_gemm: bool = True
     fuse_linear: bool = True
     fuse_qk_norm_rope: bool = True  # q/k RMSNorm + rotary in one op; needs fuse_norm
-    fuse_rope_attention: bool = True  # rotary (+ q/k norms) inside the paged-attention op
     lint: bool = True
     dump_graphs: bool = False
     splitting_ops: tuple[str, ...] = DEFAULT_SPLITTING_OPS
@@ -38,7 +37,7 @@ class CompilerConfig:
         _check_choice("inner_compiler", self.inner_compiler, INNER_COMPILERS)
         _check_choice("cudagraph_mode", self.cudagraph_mode, CUDAGRAPH_MODES)
         for name in ("eliminate_noops", "fuse_norm", "fuse_activation", "fuse_gemm", "fuse_linear",
-                     "fuse_qk_norm_rope", "fuse_rope_attention", "lint", "dump_graphs", "debug_cudagraph_addresses"):
+                     "fuse_qk_norm_rope", "lint", "dump_graphs", "debug_cudagraph_addresses"):
             value = getattr(self, name)
             if not isinstance(value, bool):
                 raise ValueError(f"option {name!r} must be True or False, got {value!r}")

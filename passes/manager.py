@@ -15,7 +15,6 @@ from .linear_prologue import LinearProloguePass
 from .noop_elimination import NoopEliminationPass
 from .qk_norm_rotary import QKNormRotaryPass
 from .rms_norm import RMSNormPass
-from .rope_attention import RopeAttentionPass
 from .silu_and_mul import SiluAndMulPass
 
 logger = logging.getLogger("infer.passes")
@@ -28,7 +27,6 @@ FUSED_OP_KINDS = {  # op in the final graph -> the fusions it stands for
     "add_rms_norm_linear": ("fused_add_rms_norm", "linear_prologue"),
     "silu_mul_linear": ("silu_and_mul", "linear_prologue"),
     "qk_norm_rotary": ("rms_norm", "rms_norm", "qk_norm_rotary"),  # the q and k norms stay counted
-    "rope_paged_attention": ("rope_attention",),  # + qk_norm_rotary's kinds when it holds the norms
 }
 
 
@@ -48,21 +46,7 @@ def build_passes(config: CompilerConfig, context: PassContext) -> list[InferPass
     if config.fuse_linear:
         passes.append(LinearProloguePass(context))
     passes.append(DefunctionalizePass(context))  # always: keeps the KV cache written in place
-    if config.fuse_rope_attention and _splits_alike(config, "infer::paged_attention", "infer::rope_paged_attention"):
-        passes.append(RopeAttentionPass(context))  # after defunctionalize: matches the in-place attention
     return passes
-
-
-def _splits_alike(config: CompilerConfig, op: str, replacement: str) -> bool:
-    """A fusion may replace ``op`` only if the graph is split at the replacement wherever at ``op``."""
-    return op not in config.splitting_ops or replacement in config.splitting_ops
-
-
-def _fused_kinds(node: fx.Node) -> tuple[str, ...]:
-    kinds = FUSED_OP_KINDS.get(node.target._opname, ())
-    if node.target._opname == "rope_paged_attention" and node.args[7]:  # qk_norm: it holds qk_norm_rotary
-        kinds += FUSED_OP_KINDS["qk_norm_rotary"]
-    return kinds
 
 
 class PassManager:
@@ -92,7 +76,7 @@ class PassManager:
         """Norm and activation fusions are counted by what the final graph holds."""
         for node in graph.nodes:
             if node.op == "call_function" and getattr(node.target, "namespace", None) == "infer":
-                for kind in _fused_kinds(node):
+                for kind in FUSED_OP_KINDS.get(node.target._opname, ()):
                     self.context.report.count_fusion(kind)
 
     def uuid(self) -> str:

@@ -1,14 +1,12 @@
 """Paged attention: metadata, forward context, the ``infer::paged_attention`` op and the layer.
 
-Importing this package registers ``torch.ops.infer.paged_attention`` and
-``torch.ops.infer.rope_paged_attention`` (the rotary folded in, placed by the compiler); triton
-is imported only when a Triton backend actually runs.
+Importing this package registers ``torch.ops.infer.paged_attention``; triton is imported only
+when a Triton backend actually runs.
 """
 from .context import forward_context, get_forward_context
 from .layer import Attention
 from .metadata import AttentionMetadata
 from .op import BACKEND_ENV_VAR, attention_backend_name, paged_attention, select_backend
-from .rope_op import rope_paged_attention
 
 __all__ = [
     "Attention",
@@ -18,6 +16,5 @@ __all__ = [
     "forward_context",
     "get_forward_context",
     "paged_attention",
-    "rope_paged_attention",
     "select_backend",
 ]

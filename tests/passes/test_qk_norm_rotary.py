@@ -19,7 +19,6 @@ from infer.passes.rms_norm import RMSNormPass
 from infer.runtime.attention import Attention, AttentionMetadata, forward_context
 
 FUSED, ROTARY, RMS = "infer.qk_norm_rotary.default", "infer.rotary_embedding.default", "infer.rms_norm.default"
-ROPE_ATTN = "infer.rope_paged_attention.default"
 T, HQ, HK, D, R = 3, 4, 2, 16, 16
 EXACT = dict(atol=0, rtol=0)
 infer = torch.ops.infer
@@ -167,28 +166,20 @@ def prefill(device):
 EXPECTED = {"Qwen3": {FUSED: LAYERS, ROTARY: 0}, "Llama": {FUSED: 0, ROTARY: LAYERS}}
 
 
-@pytest.mark.parametrize("into_attention", [False, True], ids=["rotary_op", "inside_attention"])
 @pytest.mark.parametrize("kind", list(EXPECTED))
-def test_model_graph_holds_one_op_per_layer(kind, into_attention, tmp_path):
-    """The full pass list on the model's ATen graph: no q/k norm or rotary op is left beside the fused
-    one; by default (``fuse_rope_attention``) that op is folded into the layer's attention."""
+def test_model_graph_holds_one_op_per_layer(kind, tmp_path):
+    """The full pass list on the model's ATen graph: no q/k norm or rotary op is left beside the fused one."""
     model = our_model(kind, tmp_path)
     ids, positions, metadata = prefill("cpu")
     with forward_context(metadata), torch.no_grad():
         gm = make_fx(model, decomposition_table=decomposition_table())(ids, positions)
         context = context_for(gm)
-        PassManager(CompilerConfig(fuse_rope_attention=into_attention), context)(gm.graph)
+        PassManager(CompilerConfig(), context)(gm.graph)
     counts = op_counts(gm)
-    expected = dict(EXPECTED[kind], **{ROPE_ATTN: 0})
-    if into_attention:
-        expected = {FUSED: 0, ROTARY: 0, ROPE_ATTN: LAYERS}
-    assert {op: counts[op] for op in expected} == expected
+    assert {op: counts[op] for op in EXPECTED[kind]} == EXPECTED[kind]
     head_norms = [n for n in gm.graph.nodes if str(n.target) == RMS and n.args[0].meta["val"].dim() == 3]
     assert head_norms == []
     assert context.report.fusions.get("qk_norm_rotary", 0) == EXPECTED[kind][FUSED]
-    assert context.report.fusions.get("rope_attention", 0) == (LAYERS if into_attention else 0)
-    fused = [n for n in gm.graph.nodes if str(n.target) == ROPE_ATTN]
-    assert all(n.args[7] == (kind == "Qwen3") for n in fused)  # the qk_norm flag: Qwen3 has q/k norms
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -204,6 +195,5 @@ def test_compiled_model_matches_eager(kind, device, tmp_path):
     assert report.fusions.get("qk_norm_rotary", 0) == EXPECTED[kind][FUSED], report.near_misses
     assert report.fusions.get("rms_norm", 0) == (2 * LAYERS if kind == "Qwen3" else 0)  # q/k norms still counted
     assert report.fusions["fused_add_rms_norm"] == 2 * LAYERS + 1  # the final norm reads the last add
-    assert report.fusions["rope_attention"] == LAYERS
     tol = 1e-5 if device == "cpu" else 1e-4
     torch.testing.assert_close(actual, expected, atol=tol, rtol=tol)
