@@ -35,7 +35,6 @@ from torch import Tensor
 
 from .decode_plan import DecodeConfig, plan_splits, sm_count
 from .pdl import pdl_launch_options
-from .rotary_triton import RopeArgs, rope_rows
 
 LOG2E = 1.4426950408889634
 REDUCE_SPLITS_BLOCK = 16  # partials combined per reduce iteration (fixed: no recompile per batch size)
@@ -77,14 +76,11 @@ def _attend_tile(q, k, v, t_mask, m_i, l_i, acc, scale_log2e, PRECISION: tl.cons
 @triton.jit(do_not_specialize=["num_splits", "min_split_len", "num_slots"])
 def _decode_partial_kernel(
     q_ptr, k_ptr, v_ptr, cache_ptr, slot_ptr, block_tables_ptr, seq_lens_ptr, out_ptr, part_o_ptr, part_lse_ptr,
-    qw_ptr, kw_ptr, cos_ptr, sin_ptr,
-    scale_log2e, num_splits, min_split_len, max_context, num_slots, half, q_eps, k_eps,
+    scale_log2e, num_splits, min_split_len, max_context, num_slots,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
-    stride_ckv, stride_cblk, stride_ctok, stride_ch, stride_bt, stride_cos, stride_sin,
+    stride_ckv, stride_cblk, stride_ctok, stride_ch, stride_bt,
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-    BLOCK_N: tl.constexpr, FUSE_WRITE: tl.constexpr, PRECISION: tl.constexpr,
-    ROPE: tl.constexpr, NORM: tl.constexpr, Q_WEIGHT: tl.constexpr, K_WEIGHT: tl.constexpr,
-    Q_CAST: tl.constexpr, K_CAST: tl.constexpr, BY_HAND: tl.constexpr, USE_PDL: tl.constexpr,
+    BLOCK_N: tl.constexpr, FUSE_WRITE: tl.constexpr, PRECISION: tl.constexpr, USE_PDL: tl.constexpr,
 ):
     # With the write fused, nothing an earlier kernel of this step writes is read before the PDL wait
     # below: lengths, tables and slots come from the host, and the only cache row written this step
@@ -119,16 +115,8 @@ def _decode_partial_kernel(
         if FUSE_WRITE:
             tl.extra.cuda.gdc_wait()  # q and this step's k/v are written by earlier kernels
 
-    dtype: tl.constexpr = cache_ptr.dtype.element_ty
-    cos_row = cos_ptr + seq.to(tl.int64) * stride_cos  # ROPE: this token's [half] cos / sin
-    sin_row = sin_ptr + seq.to(tl.int64) * stride_sin
     if FUSE_WRITE:
-        k_row = k_ptr + seq.to(tl.int64) * stride_kt + kv_head * stride_kh
-        if ROPE:  # the new row is normed and rotated here, as infer::qk_norm_rotary would store it
-            k_new = tl.sum(rope_rows(k_row + tl.zeros([1, 1], tl.int64), d, w_mask[None, :], kw_ptr, cos_row, sin_row,
-                                     half, k_eps, dtype, HEAD_DIM, NORM, K_WEIGHT, K_CAST, BY_HAND), 0)  # [D]
-        else:
-            k_new = tl.load(k_row + d, mask=w_mask, other=0.0)
+        k_new = tl.load(k_ptr + seq.to(tl.int64) * stride_kt + kv_head * stride_kh + d, mask=w_mask, other=0.0)
         v_new = tl.load(v_ptr + seq.to(tl.int64) * stride_vt + kv_head * stride_vh + d, mask=w_mask, other=0.0)
         k_new = k_new.to(cache_ptr.dtype.element_ty)  # [D], exactly what the cache will hold
         v_new = v_new.to(cache_ptr.dtype.element_ty)  # [D]
@@ -146,12 +134,8 @@ def _decode_partial_kernel(
     g = tl.arange(0, GROUP_PAD)
     g_mask = g < GROUP
     q_heads = kv_head * GROUP + g
-    q_rows = q_ptr + seq.to(tl.int64) * stride_qt + q_heads[:, None] * stride_qh  # [GROUP_PAD, 1]
-    if ROPE:
-        q = rope_rows(q_rows, d, g_mask[:, None], qw_ptr, cos_row, sin_row, half, q_eps, dtype, HEAD_DIM, NORM,
-                      Q_WEIGHT, Q_CAST, BY_HAND).to(dtype)  # [GROUP_PAD, D]
-    else:
-        q = tl.load(q_rows + d[None, :], mask=g_mask[:, None], other=0.0)  # [GROUP_PAD, D]
+    q = tl.load(q_ptr + seq.to(tl.int64) * stride_qt + q_heads[:, None] * stride_qh + d[None, :],
+                mask=g_mask[:, None], other=0.0)  # [GROUP_PAD, D]
     m_i = tl.full([GROUP_PAD], float("-inf"), tl.float32)
     l_i = tl.zeros([GROUP_PAD], tl.float32)
     acc = tl.zeros([GROUP_PAD, HEAD_DIM], tl.float32)
@@ -220,10 +204,8 @@ def _check_decode_shapes(q: Tensor, kv_cache: Tensor, block_tables: Tensor) -> N
 def _launch(
     q: Tensor, kv_cache: Tensor, seq_lens: Tensor, block_tables: Tensor, scale: float, out: Tensor | None,
     config: DecodeConfig | None, num_splits: int | None, new_kv: tuple[Tensor, Tensor, Tensor] | None,
-    rope: RopeArgs | None = None,
 ) -> Tensor:
-    """Run the partial (+ reduce) kernels; ``new_kv = (k, v, slot_mapping)`` fuses the cache write,
-    ``rope`` (with ``new_kv`` only) the q/k norms and rotary before it."""
+    """Run the partial (+ reduce) kernels; ``new_kv = (k, v, slot_mapping)`` fuses the cache write."""
     _check_decode_shapes(q, kv_cache, block_tables)
     num_tokens, num_q_heads, head_dim = q.shape
     config = (config or DecodeConfig()).for_head_dim(head_dim)
@@ -247,24 +229,16 @@ def _launch(
     # The partial kernel always launches with PDL (its set-up and first tile overlap the previous
     # kernel); the reduce kernel only in the latency-bound regime: at batch 64 an early-scheduled
     # reduce took SM slots from the partial kernel and the 0.6B step lost 0.13 ms (H200).
-    q_norm, k_norm = (rope.q_norm, rope.k_norm) if rope is not None else (None, None)
-    cos, sin = (rope.cos, rope.sin) if rope is not None else (q, q)  # placeholders without rope
-    weights = [n.weight if n is not None and n.weight is not None else q for n in (q_norm, k_norm)]
     pdl = pdl_launch_options(q.device)
     pdl_reduce = pdl_launch_options(q.device, enable=num_seqs * num_kv_heads < sm_count(q.device))
     _decode_partial_kernel[(num_seqs, num_kv_heads, splits)](
-        q, k, v, kv_cache, slots, block_tables, seq_lens, out, part_o, part_lse, *weights, cos, sin,
-        scale * LOG2E, splits, min_split_len, max_context, slots.shape[0], cos.shape[1] if rope is not None else 0,
-        q_norm.eps if q_norm is not None else 0.0, k_norm.eps if k_norm is not None else 0.0,
+        q, k, v, kv_cache, slots, block_tables, seq_lens, out, part_o, part_lse,
+        scale * LOG2E, splits, min_split_len, max_context, slots.shape[0],
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), out.stride(0), out.stride(1),
         kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2), kv_cache.stride(3), block_tables.stride(0),
-        cos.stride(0), sin.stride(0),
         GROUP=num_q_heads // num_kv_heads, GROUP_PAD=max(16, triton.next_power_of_2(num_q_heads // num_kv_heads)),
         HEAD_DIM=head_dim, BLOCK_SIZE=block_size, BLOCK_N=config.block_n, FUSE_WRITE=new_kv is not None,
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-        ROPE=rope is not None, NORM=q_norm is not None, Q_WEIGHT=weights[0] is not q, K_WEIGHT=weights[1] is not q,
-        Q_CAST=q_norm is not None and q_norm.cast_before_weight,
-        K_CAST=k_norm is not None and k_norm.cast_before_weight, BY_HAND=not q.is_cuda,
         num_warps=config.num_warps, num_stages=config.num_stages, **pdl,
     )
     if splits > 1:
@@ -296,14 +270,9 @@ def decode_attention(
 def decode_attention_with_kv_write(
     q: Tensor, k: Tensor, v: Tensor, kv_cache: Tensor, slot_mapping: Tensor, seq_lens: Tensor,
     block_tables: Tensor, scale: float, out: Tensor | None = None, config: DecodeConfig | None = None,
-    num_splits: int | None = None, rope: RopeArgs | None = None,
+    num_splits: int | None = None,
 ) -> Tensor:
     """``write_kv_cache(k, v, kv_cache, slot_mapping)`` then ``decode_attention(...)``, in one kernel.
-
-    With ``rope``, q and k are first normed and rotated as ``infer::qk_norm_rotary`` (or, without
-    norms, ``infer::rotary_embedding``) would: each program forms its own q rows, and the writer
-    the new k row, in registers. 16-bit dtypes only (the cache's), with cos/sin ``[B, R/2]``
-    contiguous along R.
 
     Sequence ``b``'s query sits at position ``seq_lens[b] - 1``, and ``slot_mapping[b]`` must be the
     cache slot of that position in ``block_tables[b]``, read by no other sequence of the batch (the
@@ -316,13 +285,10 @@ def decode_attention_with_kv_write(
         kv_cache: ``[2, num_blocks, block_size, Hkv, D]`` (mutated).
         slot_mapping: ``[<=B]`` cache slot of each row.
         seq_lens, block_tables, num_splits: as in ``decode_attention``.
-        rope: cos/sin and the optional norms.
     Returns:
         ``[B, Hq, D]`` in q's dtype (``out`` if given).
     """
     num_seqs = block_tables.shape[0]
-    if rope is not None:
-        _check_rope(rope, q, kv_cache)
     expected = (num_seqs, kv_cache.shape[3], kv_cache.shape[4])
     if q.shape[0] != num_seqs or k.shape != expected or v.shape != expected:
         raise ValueError(f"fused decode needs q [B={num_seqs}, Hq, D] and k/v {list(expected)}, "
@@ -331,20 +297,4 @@ def decode_attention_with_kv_write(
         raise ValueError(f"slot_mapping must be 1-d, got shape {tuple(slot_mapping.shape)}")
     if q.stride(-1) != 1 or k.stride(-1) != 1 or v.stride(-1) != 1:
         raise ValueError("q, k and v must be contiguous along head_dim")
-    return _launch(q, kv_cache, seq_lens, block_tables, scale, out, config, num_splits, (k, v, slot_mapping), rope)
-
-
-def _check_rope(rope: RopeArgs, q: Tensor, kv_cache: Tensor) -> None:
-    """Raise ``ValueError`` unless the in-kernel norm + rotary computes what the unfused ops would."""
-    half = rope.cos.shape[-1]
-    if rope.cos.dim() != 2 or rope.sin.shape != rope.cos.shape or rope.cos.shape[0] != q.shape[0] \
-            or not 0 < 2 * half <= q.shape[2]:
-        raise ValueError(f"rope needs cos/sin [B={q.shape[0]}, R/2] with 0 < R <= D={q.shape[2]}, "
-                         f"got {tuple(rope.cos.shape)} and {tuple(rope.sin.shape)}")
-    if rope.cos.stride(1) != 1 or rope.sin.stride(1) != 1:
-        raise ValueError("rope needs cos/sin contiguous along R/2")
-    if kv_cache.dtype not in (torch.bfloat16, torch.float16) or q.dtype != kv_cache.dtype:
-        raise ValueError(f"fused rope runs on bf16/fp16 (the cache's dtype), got q {q.dtype}, cache {kv_cache.dtype}")
-    for name, norm in (("q", rope.q_norm), ("k", rope.k_norm)):
-        if (norm is None) != (rope.q_norm is None) or (norm is not None and norm.out_dtype != kv_cache.dtype):
-            raise ValueError(f"fused rope needs both norms or neither, in the cache's dtype; {name} norm: {norm}")
+    return _launch(q, kv_cache, seq_lens, block_tables, scale, out, config, num_splits, (k, v, slot_mapping))

@@ -37,17 +37,6 @@ class NormArgs:
     out_dtype: torch.dtype
 
 
-@dataclass(frozen=True, slots=True)
-class RopeArgs:
-    """What a consumer kernel needs to apply ``infer::qk_norm_rotary`` (or, without norms,
-    ``infer::rotary_embedding``) to its q/k rows itself: ``cos``/``sin`` ``[T, R/2]`` and the norms."""
-
-    cos: torch.Tensor
-    sin: torch.Tensor
-    q_norm: NormArgs | None = None
-    k_norm: NormArgs | None = None
-
-
 PDL_MAX_TOKENS = 64  # decode-sized steps join the PDL chain of the projections around them
 
 
@@ -116,36 +105,6 @@ def _rotate_heads(x_ptr, out_ptr, w_ptr, cos, sin, tok, head0, n_heads, head_dim
     tl.store(out_row + half + i, out2.to(dtype), mask=mask)
     if BLOCK_TAIL > 0:
         tl.store(out_row + j, xt.to(dtype), mask=t_mask)
-
-
-@triton.jit
-def rope_rows(row_ptrs, d, mask, w_ptr, cos_ptr, sin_ptr, half, eps, OUT_DTYPE: tl.constexpr, HEAD_DIM: tl.constexpr,
-              NORM: tl.constexpr, HAS_WEIGHT: tl.constexpr, CAST_BEFORE_WEIGHT: tl.constexpr, BY_HAND: tl.constexpr):
-    """Rows ``[R, D]`` (``row_ptrs [R, 1]`` + ``d [D]``) after the optional per-head RMSNorm and
-    rotary, in fp32 holding ``OUT_DTYPE`` values: exactly ``_rotate_heads``'s output, laid out as
-    whole rows for a consumer that needs them (the decode-attention kernel's q and new k).
-
-    ``cos_ptr``/``sin_ptr`` point at this token's ``[half]`` row. Each element is combined with its
-    rotary partner ``d +- half``, loaded a second time (from cache)."""
-    in_dtype: tl.constexpr = row_ptrs.dtype.element_ty
-    cols = d[None, :]  # [1, D]
-    rotated = cols < 2 * half
-    first = cols < half
-    partner = tl.where(first, cols + half, tl.where(rotated, cols - half, cols))  # [1, D]
-    x = tl.load(row_ptrs + cols, mask=mask, other=0.0).to(tl.float32)  # [R, D]
-    xp = tl.load(row_ptrs + partner, mask=mask, other=0.0).to(tl.float32)  # [R, D]
-    if NORM:
-        inv = tl.rsqrt(tl.sum(x * x, axis=1) / HEAD_DIM + eps)[:, None]  # [R, 1]
-        x = _normalized(x, inv, w_ptr, cols, cols < HEAD_DIM, HAS_WEIGHT, CAST_BEFORE_WEIGHT, in_dtype, OUT_DTYPE,
-                        BY_HAND)
-        xp = _normalized(xp, inv, w_ptr, partner, partner < HEAD_DIM, HAS_WEIGHT, CAST_BEFORE_WEIGHT, in_dtype,
-                         OUT_DTYPE, BY_HAND)
-    i = tl.where(first, cols, cols - half)  # [1, D]: the frequency of each rotated column
-    c = _round(tl.load(cos_ptr + i, mask=rotated, other=1.0).to(tl.float32), OUT_DTYPE, BY_HAND)
-    s = _round(tl.load(sin_ptr + i, mask=rotated, other=0.0).to(tl.float32), OUT_DTYPE, BY_HAND)
-    xs = _round(xp * s, OUT_DTYPE, BY_HAND)
-    out = _round(_round(x * c, OUT_DTYPE, BY_HAND) + tl.where(first, -xs, xs), OUT_DTYPE, BY_HAND)
-    return tl.where(rotated, out, x)  # the tail passes through
 
 
 @triton.jit
