@@ -136,6 +136,8 @@ def test_triton_decode_kernel(splits):
 
 @pytest.mark.parametrize("block_m", [16, 64])
 def test_triton_prefill_kernel(block_m):
+    """Prefixes of 29 and 32 tokens and a 23-token prompt: with 16-token key tiles, every sequence has
+    tiles left of its diagonal (the kernel's unmasked loop) and tiles across it (the masked loop)."""
     kernels = _triton()
     batch = make_batch([1, 23, 5], [30, 23, 37], 4, 2, 64, 16, dtype=torch.float16, pad=2, device=KERNEL_DEVICE)
     kernels.write_kv_cache(batch.k, batch.v, batch.cache, batch.md.slot_mapping)
