@@ -59,6 +59,7 @@ class KernelCompiles:
         self._lock = threading.Lock()
         self.names: list[str] = []
         self.failed: list[str] = []
+        self.timings: list[tuple[float, float, str]] = []  # (seconds compiling, finished at, kernel) per compile
 
     @property
     def submitted(self) -> int:
@@ -88,18 +89,21 @@ class KernelCompiles:
             return False
         with self._lock:
             if (id(jit), key) not in self._futures:
-                self._futures[(id(jit), key)] = self._pool.submit(self._compile, jit, compile["device"], data)
+                self._futures[(id(jit), key)] = self._pool.submit(self._compile, jit, compile["device"], data, fn.name)
                 self.names.append(fn.name)
         return True
 
-    @staticmethod
-    def _compile(jit, device: int, specialization_data: str) -> None:
+    def _compile(self, jit, device: int, specialization_data: str, name: str) -> None:
+        start = time.perf_counter()
         if torch.cuda.is_available():
             torch.cuda.set_device(device)  # a pool thread starts on device 0
         kernel = jit.preload(specialization_data)
         init = getattr(kernel, "_init_handles", None)
         if init is not None:  # the launcher (built, or a C compile when cold) and the module load
             init()
+        end = time.perf_counter()
+        with self._lock:
+            self.timings.append((end - start, end, name))
 
     def wait(self) -> float:
         """Block until every compile handed off so far is done; returns the seconds waited."""
@@ -115,10 +119,16 @@ class KernelCompiles:
         if futures:
             logger.info("compiled %d Triton kernels in parallel, %.1fs after the dry runs: %s",
                         len(futures), seconds, sorted(set(self.names)))
+            logger.info("slowest compiles (s): %s; the last ones to finish: %s", _slowest(self.timings),
+                        [name for _, _, name in sorted(self.timings, key=lambda t: t[1])[-3:]])
         return seconds
 
     def close(self) -> None:
         self._pool.shutdown(wait=True)
+
+
+def _slowest(timings: list[tuple[float, float, str]], count: int = 4) -> list[str]:
+    return [f"{name} {seconds:.2f}" for seconds, _, name in sorted(timings, reverse=True)[:count]]
 
 
 def parallel_compiles(device: torch.device, workers: int | None = None) -> KernelCompiles | None:
