@@ -4,7 +4,7 @@
 :func:`~infer.benchmarks.hf_baselines.save_checkpoint`, as the startup scenario does; an existing
 checkpoint in ``DIR`` is reused unless ``--rewrite``), reads every file once so that the page cache
 is warm, then times ``load_model(DIR, "bfloat16", device)`` ``--repeats`` times per path
-(``fast=True``: :func:`~infer.models.checkpoint.stream_weights`; ``fast=False``: the simple
+(``fast=True``: :func:`~infer.models.streaming.stream_weights`; ``fast=False``: the simple
 :func:`~infer.models.checkpoint.load_weights`), interleaved, and prints the median seconds and GB/s
 (checkpoint bytes / seconds, model construction included). CUDA context creation and
 transformers' first-use imports happen before the timed loads. Every run is printed: the first
@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from ..models import checkpoint
+from ..models import streaming
 from ..models.loader import checkpoint_files, load_model
 from .decode_step import SHAPES, qwen3_config
 from .hf_baselines import save_checkpoint
@@ -78,18 +78,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=3, help="timed loads per path (median reported)")
     parser.add_argument("--paths", nargs="+", choices=sorted(PATHS), default=["fast", "simple"])
     parser.add_argument("--rewrite", action="store_true", help="write a new checkpoint even if OUT holds one")
-    parser.add_argument("--staging-mib", type=int, help=f"staging buffer MiB (default {checkpoint.STAGING_BYTES >> 20})")
-    parser.add_argument("--buffers", type=int, help=f"staging buffers (default {checkpoint.STAGING_BUFFERS})")
-    parser.add_argument("--threads", type=int, help=f"read threads (default {checkpoint.READ_THREADS})")
+    parser.add_argument("--staging-mib", type=int, help=f"staging buffer MiB (default {streaming.STAGING_BYTES >> 20})")
+    parser.add_argument("--buffers", type=int, help=f"staging buffers (default {streaming.STAGING_BUFFERS})")
+    parser.add_argument("--threads", type=int, help=f"read threads (default {streaming.READ_THREADS})")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if args.staging_mib is not None:
-        checkpoint.STAGING_BYTES = args.staging_mib << 20
+        streaming.STAGING_BYTES = args.staging_mib << 20
     if args.buffers is not None:
-        checkpoint.STAGING_BUFFERS = args.buffers
+        streaming.STAGING_BUFFERS = args.buffers
     if args.threads is not None:
-        checkpoint.READ_THREADS = args.threads
+        streaming.READ_THREADS = args.threads
 
     folder = ensure_checkpoint(args.shape, Path(args.out), device, args.rewrite)
     if device.startswith("cuda"):
@@ -102,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     warm_s = time.perf_counter() - start
     print(f"{args.shape}: {total / 1e9:.2f} GB in {len(checkpoint_files(folder))} files; page-cache read "
           f"{warm_s:.2f} s ({total / 1e9 / warm_s:.1f} GB/s, one thread)")
-    print(f"staging {checkpoint.STAGING_BUFFERS} x {checkpoint.STAGING_BYTES >> 20} MiB, {checkpoint.READ_THREADS} read threads")
+    print(f"staging {streaming.STAGING_BUFFERS} x {streaming.STAGING_BYTES >> 20} MiB, {streaming.READ_THREADS} read threads")
     times: dict[str, list[float]] = {name: [] for name in args.paths}
     for _ in range(args.repeats):
         for name in args.paths:

@@ -19,7 +19,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from .checkpoint import checkpoint_files, load_weights, stream_weights
+from .checkpoint import checkpoint_files, load_weights
+from .streaming import stream_weights
 from .registry import model_class_for
 
 __all__ = ["checkpoint_files", "default_dtype", "load_model", "load_weights", "resolve_dtype", "stream_weights"]

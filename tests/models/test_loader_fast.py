@@ -11,7 +11,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from infer.models import load_model
-from infer.models import checkpoint, loader
+from infer.models import loader, streaming
 from infer.models.qwen import Qwen3ForCausalLM
 from infer.runtime import distributed
 
@@ -22,10 +22,10 @@ TINY_STAGING = 4096  # bytes: the 256 x 64 embedding (64 KiB in fp32) goes throu
 @pytest.fixture
 def tiny_staging(monkeypatch):
     """Two 4 KiB staging buffers, two read threads splitting reads down to 1 KiB."""
-    monkeypatch.setattr(checkpoint, "STAGING_BYTES", TINY_STAGING)
-    monkeypatch.setattr(checkpoint, "STAGING_BUFFERS", 2)
-    monkeypatch.setattr(checkpoint, "READ_THREADS", 2)
-    monkeypatch.setattr(checkpoint, "MIN_READ_BYTES", 1024)
+    monkeypatch.setattr(streaming, "STAGING_BYTES", TINY_STAGING)
+    monkeypatch.setattr(streaming, "STAGING_BUFFERS", 2)
+    monkeypatch.setattr(streaming, "READ_THREADS", 2)
+    monkeypatch.setattr(streaming, "MIN_READ_BYTES", 1024)
 
 
 def _rewrite(folder, dtype: torch.dtype | None = None, edit=None) -> dict[str, torch.Tensor]:
@@ -157,11 +157,11 @@ def _every_dtype() -> dict[str, torch.Tensor]:
 def test_every_dtype_round_trips(tmp_path, tiny_staging):
     tensors = _every_dtype()
     save_file(tensors, str(tmp_path / WEIGHTS))
-    names = {e.name: e.dtype for e in checkpoint.read_header(tmp_path / WEIGHTS)}
+    names = {e.name: e.dtype for e in streaming.read_header(tmp_path / WEIGHTS)}
     assert {"F64", "F32", "F16", "BF16", "I64", "I32", "I16", "I8", "U8", "BOOL", "F8_E4M3", "F8_E5M2"} \
-        <= set(names.values()) <= set(checkpoint.SAFETENSORS_DTYPES)
+        <= set(names.values()) <= set(streaming.SAFETENSORS_DTYPES)
     bag = _Bag(tensors)
-    loaded = checkpoint.stream_weights(bag, [tmp_path / WEIGHTS])
+    loaded = streaming.stream_weights(bag, [tmp_path / WEIGHTS])
     assert loaded == sum(t.numel() * t.element_size() for t in tensors.values())
     for name, t in tensors.items():
         _assert_bits_equal(getattr(bag, name).data, t, name)
@@ -170,10 +170,10 @@ def test_every_dtype_round_trips(tmp_path, tiny_staging):
 def test_unknown_dtypes_go_through_get_tensor(tmp_path, tiny_staging, monkeypatch):
     tensors = _every_dtype()
     save_file(tensors, str(tmp_path / WEIGHTS))
-    known = {k: v for k, v in checkpoint.SAFETENSORS_DTYPES.items() if k not in ("BF16", "F8_E4M3", "BOOL")}
-    monkeypatch.setattr(checkpoint, "SAFETENSORS_DTYPES", known)
+    known = {k: v for k, v in streaming.SAFETENSORS_DTYPES.items() if k not in ("BF16", "F8_E4M3", "BOOL")}
+    monkeypatch.setattr(streaming, "SAFETENSORS_DTYPES", known)
     bag = _Bag(tensors)
-    checkpoint.stream_weights(bag, [tmp_path / WEIGHTS])
+    streaming.stream_weights(bag, [tmp_path / WEIGHTS])
     for name, t in tensors.items():
         _assert_bits_equal(getattr(bag, name).data, t, name)
 
@@ -198,7 +198,7 @@ def test_truncated_file_is_rejected(tmp_path):
     data = (tmp_path / WEIGHTS).read_bytes()
     (tmp_path / WEIGHTS).write_bytes(data[:-10])
     with pytest.raises(ValueError, match=r"'w' in model.safetensors: data_offsets .*truncated"):
-        checkpoint.stream_weights(_Bag({"w": torch.ones(1000)}), [tmp_path / WEIGHTS])
+        streaming.stream_weights(_Bag({"w": torch.ones(1000)}), [tmp_path / WEIGHTS])
 
 
 def test_read_errors_reach_the_caller(tmp_path, tiny_staging, monkeypatch):
@@ -208,16 +208,16 @@ def test_read_errors_reach_the_caller(tmp_path, tiny_staging, monkeypatch):
     def failing(fd, view, offset):
         raise OSError("disk on fire")
 
-    monkeypatch.setattr(checkpoint, "_pread_exact", failing)
+    monkeypatch.setattr(streaming, "_pread_exact", failing)
     with pytest.raises(OSError, match="disk on fire"):
-        checkpoint.stream_weights(_Bag(tensors), [tmp_path / WEIGHTS])
+        streaming.stream_weights(_Bag(tensors), [tmp_path / WEIGHTS])
     assert _no_reader_threads()
 
 
 def test_plan_packs_small_tensors_and_splits_big_ones(tmp_path):
     save_file({"a": torch.zeros(10), "b": torch.zeros(3000), "c": torch.zeros(5)}, str(tmp_path / WEIGHTS))
-    entries = sorted(checkpoint.read_header(tmp_path / WEIGHTS), key=lambda e: e.offset)  # a, b, c: 40, 12000, 20 B
-    chunks = checkpoint._plan_chunks(entries, 4096)
+    entries = sorted(streaming.read_header(tmp_path / WEIGHTS), key=lambda e: e.offset)  # a, b, c: 40, 12000, 20 B
+    chunks = streaming._plan_chunks(entries, 4096)
     assert [c.nbytes for c in chunks] == [4096, 4096, 3868]
     assert [(p.entry.name, p.nbytes, p.last) for p in chunks[0].pieces] == [("a", 40, True), ("b", 4056, False)]
     assert [(p.entry.name, p.nbytes, p.last) for p in chunks[2].pieces] == [("b", 3848, True), ("c", 20, True)]
@@ -238,9 +238,9 @@ def test_cuda_load_equals_cpu_load(hf_checkpoint, monkeypatch, staging):
     _, folder = hf_checkpoint("qwen3", tie_word_embeddings=True, attention_bias=True)
     tensors = _rewrite(folder, torch.bfloat16)
     if staging is not None:
-        monkeypatch.setattr(checkpoint, "STAGING_BYTES", staging)
-        monkeypatch.setattr(checkpoint, "STAGING_BUFFERS", 2)
-        monkeypatch.setattr(checkpoint, "MIN_READ_BYTES", 1024)
+        monkeypatch.setattr(streaming, "STAGING_BYTES", staging)
+        monkeypatch.setattr(streaming, "STAGING_BUFFERS", 2)
+        monkeypatch.setattr(streaming, "MIN_READ_BYTES", 1024)
     model, _ = load_model(folder, dtype=torch.bfloat16, device="cuda")  # streamed by default on CUDA
     reference, _ = load_model(folder, dtype=torch.bfloat16, device="cpu")
     assert model.lm_head.weight is model.model.embed_tokens.weight
