@@ -20,8 +20,8 @@ import torch
 from torch import nn
 
 from .checkpoint import checkpoint_files, load_weights
-from .streaming import stream_weights
 from .registry import model_class_for
+from .streaming import stream_weights
 
 __all__ = ["checkpoint_files", "default_dtype", "load_model", "load_weights", "resolve_dtype", "stream_weights"]
 
