@@ -56,12 +56,12 @@ def warm_page_cache(files: list[Path]) -> int:
     return total
 
 
-def time_load(folder: Path, device: str, fast: bool) -> float:
+def time_load(folder: Path, device: str, fast: bool, staging: streaming.StagingConfig | None = None) -> float:
     """Seconds of one ``load_model`` (it synchronises the device before returning)."""
     if device.startswith("cuda"):
         torch.cuda.synchronize()
     start = time.perf_counter()
-    model, _ = load_model(folder, dtype="bfloat16", device=device, fast=fast)
+    model, _ = load_model(folder, dtype="bfloat16", device=device, fast=fast, staging=staging)
     seconds = time.perf_counter() - start
     del model
     gc.collect()
@@ -78,18 +78,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=3, help="timed loads per path (median reported)")
     parser.add_argument("--paths", nargs="+", choices=sorted(PATHS), default=["fast", "simple"])
     parser.add_argument("--rewrite", action="store_true", help="write a new checkpoint even if OUT holds one")
-    parser.add_argument("--staging-mib", type=int, help=f"staging buffer MiB (default {streaming.STAGING_BYTES >> 20})")
-    parser.add_argument("--buffers", type=int, help=f"staging buffers (default {streaming.STAGING_BUFFERS})")
-    parser.add_argument("--threads", type=int, help=f"read threads (default {streaming.READ_THREADS})")
+    default = streaming.StagingConfig()
+    parser.add_argument("--staging-mib", type=int, default=default.buffer_bytes >> 20, help="staging buffer MiB")
+    parser.add_argument("--buffers", type=int, default=default.buffers, help="staging buffers")
+    parser.add_argument("--threads", type=int, default=default.read_threads, help="read threads")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if args.staging_mib is not None:
-        streaming.STAGING_BYTES = args.staging_mib << 20
-    if args.buffers is not None:
-        streaming.STAGING_BUFFERS = args.buffers
-    if args.threads is not None:
-        streaming.READ_THREADS = args.threads
+    staging = streaming.StagingConfig(args.staging_mib << 20, args.buffers, args.threads)
 
     folder = ensure_checkpoint(args.shape, Path(args.out), device, args.rewrite)
     if device.startswith("cuda"):
@@ -102,11 +98,11 @@ def main(argv: list[str] | None = None) -> int:
     warm_s = time.perf_counter() - start
     print(f"{args.shape}: {total / 1e9:.2f} GB in {len(checkpoint_files(folder))} files; page-cache read "
           f"{warm_s:.2f} s ({total / 1e9 / warm_s:.1f} GB/s, one thread)")
-    print(f"staging {streaming.STAGING_BUFFERS} x {streaming.STAGING_BYTES >> 20} MiB, {streaming.READ_THREADS} read threads")
+    print(f"staging {staging.buffers} x {staging.buffer_bytes >> 20} MiB, {staging.read_threads} read threads")
     times: dict[str, list[float]] = {name: [] for name in args.paths}
     for _ in range(args.repeats):
         for name in args.paths:
-            times[name].append(time_load(folder, device, PATHS[name]))
+            times[name].append(time_load(folder, device, PATHS[name], staging))
     for name, runs in times.items():
         median = statistics.median(runs)
         runs_text = ", ".join(f"{t:.2f}" for t in runs)

@@ -21,7 +21,7 @@ from torch import nn
 
 from .checkpoint import checkpoint_files, load_weights
 from .registry import model_class_for
-from .streaming import stream_weights
+from .streaming import StagingConfig, stream_weights
 
 __all__ = ["checkpoint_files", "default_dtype", "load_model", "load_weights", "resolve_dtype", "stream_weights"]
 
@@ -62,6 +62,7 @@ def load_model(
     device: torch.device | str = "cpu",
     *,
     fast: bool | None = None,
+    staging: StagingConfig | None = None,
 ) -> tuple[nn.Module, Any]:
     """Build the model a HF checkpoint folder describes and load its weights.
 
@@ -72,6 +73,7 @@ def load_model(
         device: where parameters and buffers live.
         fast: :func:`stream_weights` (True) or :func:`load_weights` (False); ``None``: stream
             on CUDA, the simple path elsewhere.
+        staging: the streamed path's staging ring (default :class:`StagingConfig`).
     Returns:
         ``(model, hf_config)`` with the model in eval mode.
     """
@@ -94,7 +96,7 @@ def load_model(
         model = model_cls(config)
     model.to(device)  # buffers computed on CPU on purpose (rotary tables) follow the parameters
     built = time.perf_counter()
-    loaded = stream_weights(model, files) if fast else load_weights(model, files)
+    loaded = stream_weights(model, files, staging) if fast else load_weights(model, files)
     seconds = time.perf_counter() - start
     logger.info(
         "loaded %s from %s (%d files, %s, %s) in %.2f s: %.2f GB at %.2f GB/s (build %.2f s, %s path)",

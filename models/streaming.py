@@ -11,7 +11,7 @@ import threading
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -20,12 +20,23 @@ from torch import nn
 
 from .checkpoint import _check_names, _load_into
 
-# stream_weights' staging ring. Pinning costs ~0.5 ms per MiB on the H200 VM measured (more than
-# reading it), and an 8B load ran as fast with 3 x 64 MiB as with 4 x 256 MiB (~28 GB/s, read-bound).
-STAGING_BYTES = 64 << 20  # one staging buffer (bigger tensors go through in pieces)
-STAGING_BUFFERS = 3  # buffers in the ring: the reader fills one while copies drain the others
-READ_THREADS = min(16, os.cpu_count() or 1)  # parallel preads into one buffer
-MIN_READ_BYTES = 4 << 20  # smallest slice of a buffer that gets its own read thread
+
+@dataclass(frozen=True, slots=True)
+class StagingConfig:
+    """The staging ring of :func:`stream_weights`. Pinning costs ~0.5 ms per MiB on the H200 VM
+    measured (more than reading it), and an 8B load ran as fast with 3 x 64 MiB as with
+    4 x 256 MiB (~28 GB/s, read-bound)."""
+
+    buffer_bytes: int = 64 << 20  # one staging buffer (bigger tensors go through in pieces)
+    buffers: int = 3  # buffers in the ring: the reader fills one while copies drain the others
+    read_threads: int = field(default_factory=lambda: min(16, os.cpu_count() or 1))  # parallel preads per buffer
+    min_read_bytes: int = 4 << 20  # smallest slice of a buffer that gets its own read thread
+
+    def __post_init__(self) -> None:
+        for name in ("buffer_bytes", "buffers", "read_threads", "min_read_bytes"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"StagingConfig.{name} must be a positive int, got {value!r}")
 
 # safetensors dtype name -> torch dtype, for the types this torch has (others go through get_tensor)
 SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
@@ -156,10 +167,11 @@ class _Reader:
     the exception that stopped the reader. Each chunk is split over ``threads`` parallel preads.
     """
 
-    def __init__(self, chunks: list[_Chunk], views: list[memoryview], threads: int) -> None:
+    def __init__(self, chunks: list[_Chunk], views: list[memoryview], threads: int, min_read_bytes: int) -> None:
         self.chunks = chunks
         self.views = views
         self.threads = max(1, threads)
+        self.min_read_bytes = min_read_bytes
         self.free: queue.SimpleQueue[int | None] = queue.SimpleQueue()
         self.filled: queue.SimpleQueue[tuple[int, _Chunk] | BaseException] = queue.SimpleQueue()
         self.stopping = threading.Event()
@@ -188,7 +200,7 @@ class _Reader:
                 os.close(fd)
 
     def _read(self, pool: ThreadPoolExecutor, fd: int, view: memoryview, offset: int) -> None:
-        parts = max(1, min(self.threads, len(view) // MIN_READ_BYTES))
+        parts = max(1, min(self.threads, len(view) // self.min_read_bytes))
         if parts == 1:
             _pread_exact(fd, view, offset)
             return
@@ -211,29 +223,17 @@ class _Reader:
         self.thread.join()
 
 
-def stream_weights(
-    model: nn.Module,
-    files: list[Path],
-    *,
-    staging_bytes: int | None = None,
-    num_buffers: int | None = None,
-    read_threads: int | None = None,
-) -> int:
+def stream_weights(model: nn.Module, files: list[Path], staging: StagingConfig | None = None) -> int:
     """Load the checkpoint through a ring of staging buffers; returns the checkpoint bytes loaded.
 
-    A reader thread fills ``num_buffers`` buffers of ``staging_bytes`` (pinned when the parameters
-    are on CUDA) with the raw tensor bytes; this thread copies each piece into a device-side
-    tensor (asynchronously on CUDA, one CUDA event per buffer guards its reuse) and, once a tensor
-    is complete, runs its parameter's weight_loader on it there. One synchronisation at the end.
-    Tensors of dtypes missing from :data:`SAFETENSORS_DTYPES` go through ``get_tensor`` instead.
-    ``None`` arguments take the module's :data:`STAGING_BYTES`, :data:`STAGING_BUFFERS` and
-    :data:`READ_THREADS` (read at call time, so tests and benchmarks can change them).
+    A reader thread fills ``staging.buffers`` buffers of ``staging.buffer_bytes`` (pinned when the
+    parameters are on CUDA) with the raw tensor bytes; this thread copies each piece into a
+    device-side tensor (asynchronously on CUDA, one CUDA event per buffer guards its reuse) and,
+    once a tensor is complete, runs its parameter's weight_loader on it there. One
+    synchronisation at the end. Tensors of dtypes missing from :data:`SAFETENSORS_DTYPES` go
+    through ``get_tensor`` instead. ``staging``: default :class:`StagingConfig`.
     """
-    staging_bytes = STAGING_BYTES if staging_bytes is None else staging_bytes
-    num_buffers = STAGING_BUFFERS if num_buffers is None else num_buffers
-    read_threads = READ_THREADS if read_threads is None else read_threads
-    if staging_bytes < 1 or num_buffers < 1:
-        raise ValueError(f"need staging_bytes >= 1 and num_buffers >= 1, got {staging_bytes}, {num_buffers}")
+    staging = staging or StagingConfig()
     entries = [entry for file in files for entry in read_header(file)]
     _check_names(model, {e.name for e in entries})
     params = dict(model.named_parameters(remove_duplicate=False))
@@ -251,17 +251,18 @@ def stream_weights(
         dtype = SAFETENSORS_DTYPES[e.dtype]
         _load_into(params, e.name, e.file, torch.empty(e.shape, dtype=dtype, device=params[e.name].device))
     raw.sort(key=lambda e: (files.index(e.file), e.offset))  # file order: sequential reads
-    chunks = _plan_chunks([e for e in raw if e.nbytes > 0], staging_bytes)
+    chunks = _plan_chunks([e for e in raw if e.nbytes > 0], staging.buffer_bytes)
     if not chunks:
         return loaded
 
     with torch.cuda.device(device) if device.type == "cuda" else nullcontext():
-        _stream_chunks(chunks, params, device, min(num_buffers, len(chunks)), read_threads)
+        _stream_chunks(chunks, params, device, min(staging.buffers, len(chunks)), staging)
     return loaded
 
 
 def _stream_chunks(
-    chunks: list[_Chunk], params: dict[str, nn.Parameter], device: torch.device, num_buffers: int, read_threads: int
+    chunks: list[_Chunk], params: dict[str, nn.Parameter], device: torch.device, num_buffers: int,
+    config: StagingConfig,
 ) -> None:
     """The consumer side of :func:`stream_weights`: copy each filled buffer out, run the loaders."""
     cuda = device.type == "cuda"
@@ -271,7 +272,7 @@ def _stream_chunks(
     stream = torch.cuda.current_stream(device) if cuda else None
     in_flight: deque[tuple[int, torch.cuda.Event]] = deque()  # buffers whose copies may still run
     partial: dict[TensorEntry, torch.Tensor] = {}  # device bytes of tensors still being filled
-    reader = _Reader(chunks, views, read_threads)
+    reader = _Reader(chunks, views, config.read_threads, config.min_read_bytes)
     try:
         for _ in range(len(chunks)):
             while in_flight and in_flight[0][1].query():

@@ -11,7 +11,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from infer.models import load_model
-from infer.models import loader, streaming
+from infer.models import streaming
 from infer.models.qwen import Qwen3ForCausalLM
 from infer.runtime import distributed
 
@@ -20,12 +20,16 @@ TINY_STAGING = 4096  # bytes: the 256 x 64 embedding (64 KiB in fp32) goes throu
 
 
 @pytest.fixture
-def tiny_staging(monkeypatch):
+def tiny_staging():
     """Two 4 KiB staging buffers, two read threads splitting reads down to 1 KiB."""
-    monkeypatch.setattr(streaming, "STAGING_BYTES", TINY_STAGING)
-    monkeypatch.setattr(streaming, "STAGING_BUFFERS", 2)
-    monkeypatch.setattr(streaming, "READ_THREADS", 2)
-    monkeypatch.setattr(streaming, "MIN_READ_BYTES", 1024)
+    return streaming.StagingConfig(buffer_bytes=TINY_STAGING, buffers=2, read_threads=2, min_read_bytes=1024)
+
+
+def test_staging_config_rejects_non_positive_sizes():
+    with pytest.raises(ValueError, match=r"StagingConfig.buffers must be a positive int, got 0"):
+        streaming.StagingConfig(buffers=0)
+    with pytest.raises(ValueError, match=r"StagingConfig.buffer_bytes must be a positive int, got -1"):
+        streaming.StagingConfig(buffer_bytes=-1)
 
 
 def _rewrite(folder, dtype: torch.dtype | None = None, edit=None) -> dict[str, torch.Tensor]:
@@ -63,11 +67,15 @@ def _no_reader_threads() -> bool:
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_streamed_weights_equal_the_checkpoint_bit_for_bit(hf_checkpoint, tiny_staging, dtype):
+def test_streamed_weights_equal_the_checkpoint_bit_for_bit(hf_checkpoint, tiny_staging, dtype, monkeypatch):
     _, folder = hf_checkpoint("qwen3", attention_bias=True)
     tensors = _rewrite(folder, dtype)
     assert max(t.numel() * t.element_size() for t in tensors.values()) > 4 * TINY_STAGING
-    model, _ = load_model(folder, dtype=dtype, fast=True)
+    plan, chunk_sizes = streaming._plan_chunks, []
+    monkeypatch.setattr(streaming, "_plan_chunks",
+                        lambda entries, size: chunk_sizes.append(size) or plan(entries, size))
+    model, _ = load_model(folder, dtype=dtype, fast=True, staging=tiny_staging)
+    assert chunk_sizes == [TINY_STAGING]  # load_model's staging reached the reads: big tensors went in pieces
     _assert_matches_checkpoint(model, tensors)
     simple, _ = load_model(folder, dtype=dtype, fast=False)
     for (name, a), (_, b) in zip(model.state_dict().items(), simple.state_dict().items()):
@@ -78,7 +86,7 @@ def test_streamed_weights_equal_the_checkpoint_bit_for_bit(hf_checkpoint, tiny_s
 def test_sharded_checkpoint_and_casting(hf_checkpoint, tiny_staging):
     hf_model, folder = hf_checkpoint("llama", max_shard_size="20KB")
     assert len(list(folder.glob("*.safetensors"))) > 1
-    model, _ = load_model(folder, dtype=torch.bfloat16, fast=True)  # fp32 checkpoint cast on load
+    model, _ = load_model(folder, dtype=torch.bfloat16, fast=True, staging=tiny_staging)  # fp32 checkpoint cast on load
     for name, param in model.named_parameters():
         _assert_bits_equal(param.data, hf_model.state_dict()[name].to(torch.bfloat16), name)
 
@@ -87,7 +95,7 @@ def test_tied_weights_stay_tied(hf_checkpoint, tiny_staging):
     _, folder = hf_checkpoint("qwen2", tie_word_embeddings=True)
     tensors = _rewrite(folder, torch.bfloat16)
     assert "lm_head.weight" not in tensors
-    model, _ = load_model(folder, dtype=torch.bfloat16, fast=True)
+    model, _ = load_model(folder, dtype=torch.bfloat16, fast=True, staging=tiny_staging)
     assert model.lm_head.weight is model.model.embed_tokens.weight
     _assert_bits_equal(model.lm_head.weight.data, tensors["model.embed_tokens.weight"], "lm_head.weight")
 
@@ -95,7 +103,7 @@ def test_tied_weights_stay_tied(hf_checkpoint, tiny_staging):
 def test_buffers_equal_a_freshly_built_model(hf_checkpoint, tiny_staging):
     _, folder = hf_checkpoint("qwen3", rope_parameters=dict(rope_type="yarn", factor=4.0, rope_theta=10000.0,
                                                             original_max_position_embeddings=32))
-    model, config = load_model(folder, fast=True)
+    model, config = load_model(folder, fast=True, staging=tiny_staging)
     fresh = Qwen3ForCausalLM(config)  # built the ordinary way, parameters initialised
     buffers = dict(fresh.named_buffers())
     assert "model.rotary_emb.cos_sin_cache" in buffers
@@ -109,7 +117,7 @@ def test_tensor_parallel_shards(hf_checkpoint, tiny_staging, monkeypatch, rank, 
     tensors = _rewrite(folder, torch.bfloat16)
     monkeypatch.setattr(distributed, "tp_rank", lambda: rank)
     monkeypatch.setattr(distributed, "tp_size", lambda: size)
-    model, _ = load_model(folder, dtype=torch.bfloat16, fast=True)
+    model, _ = load_model(folder, dtype=torch.bfloat16, fast=True, staging=tiny_staging)
     simple, _ = load_model(folder, dtype=torch.bfloat16, fast=False)
     for (name, a), (_, b) in zip(model.named_parameters(), simple.named_parameters()):
         _assert_bits_equal(a.data, b.data, name)
@@ -161,7 +169,7 @@ def test_every_dtype_round_trips(tmp_path, tiny_staging):
     assert {"F64", "F32", "F16", "BF16", "I64", "I32", "I16", "I8", "U8", "BOOL", "F8_E4M3", "F8_E5M2"} \
         <= set(names.values()) <= set(streaming.SAFETENSORS_DTYPES)
     bag = _Bag(tensors)
-    loaded = streaming.stream_weights(bag, [tmp_path / WEIGHTS])
+    loaded = streaming.stream_weights(bag, [tmp_path / WEIGHTS], tiny_staging)
     assert loaded == sum(t.numel() * t.element_size() for t in tensors.values())
     for name, t in tensors.items():
         _assert_bits_equal(getattr(bag, name).data, t, name)
@@ -173,7 +181,7 @@ def test_unknown_dtypes_go_through_get_tensor(tmp_path, tiny_staging, monkeypatc
     known = {k: v for k, v in streaming.SAFETENSORS_DTYPES.items() if k not in ("BF16", "F8_E4M3", "BOOL")}
     monkeypatch.setattr(streaming, "SAFETENSORS_DTYPES", known)
     bag = _Bag(tensors)
-    streaming.stream_weights(bag, [tmp_path / WEIGHTS])
+    streaming.stream_weights(bag, [tmp_path / WEIGHTS], tiny_staging)
     for name, t in tensors.items():
         _assert_bits_equal(getattr(bag, name).data, t, name)
 
@@ -183,14 +191,14 @@ def test_errors_name_the_tensor_and_stop_the_reader(hf_checkpoint, tiny_staging)
     name = "model.layers.1.mlp.up_proj.weight"
     _rewrite(folder, edit=lambda t: t.update({name: torch.zeros(95, 64)}))
     with pytest.raises(ValueError, match=rf"{name}.*expected \(96, 64\), got \(95, 64\)"):
-        load_model(folder, fast=True)
+        load_model(folder, fast=True, staging=tiny_staging)
     assert _no_reader_threads()
     _rewrite(folder, edit=lambda t: t.pop(name))
     with pytest.raises(ValueError, match=rf"missing 1 weights: {name}"):
-        load_model(folder, fast=True)
+        load_model(folder, fast=True, staging=tiny_staging)
     _rewrite(folder, edit=lambda t: t.update({"model.layers.0.adapter.weight": torch.zeros(2)}))
     with pytest.raises(ValueError, match="unexpected weights: model.layers.0.adapter.weight"):
-        load_model(folder, fast=True)
+        load_model(folder, fast=True, staging=tiny_staging)
 
 
 def test_truncated_file_is_rejected(tmp_path):
@@ -198,7 +206,7 @@ def test_truncated_file_is_rejected(tmp_path):
     data = (tmp_path / WEIGHTS).read_bytes()
     (tmp_path / WEIGHTS).write_bytes(data[:-10])
     with pytest.raises(ValueError, match=r"'w' in model.safetensors: data_offsets .*truncated"):
-        streaming.stream_weights(_Bag({"w": torch.ones(1000)}), [tmp_path / WEIGHTS])
+        streaming.stream_weights(_Bag({"w": torch.ones(1000)}), [tmp_path / WEIGHTS], tiny_staging)
 
 
 def test_read_errors_reach_the_caller(tmp_path, tiny_staging, monkeypatch):
@@ -210,7 +218,7 @@ def test_read_errors_reach_the_caller(tmp_path, tiny_staging, monkeypatch):
 
     monkeypatch.setattr(streaming, "_pread_exact", failing)
     with pytest.raises(OSError, match="disk on fire"):
-        streaming.stream_weights(_Bag(tensors), [tmp_path / WEIGHTS])
+        streaming.stream_weights(_Bag(tensors), [tmp_path / WEIGHTS], tiny_staging)
     assert _no_reader_threads()
 
 
@@ -233,15 +241,12 @@ def test_info_line_reports_time_and_bandwidth(hf_checkpoint, caplog):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("staging", [TINY_STAGING, None])
-def test_cuda_load_equals_cpu_load(hf_checkpoint, monkeypatch, staging):
+@pytest.mark.parametrize("tiny", [True, False], ids=["tiny_staging", "default_staging"])
+def test_cuda_load_equals_cpu_load(hf_checkpoint, tiny_staging, tiny):
     _, folder = hf_checkpoint("qwen3", tie_word_embeddings=True, attention_bias=True)
     tensors = _rewrite(folder, torch.bfloat16)
-    if staging is not None:
-        monkeypatch.setattr(streaming, "STAGING_BYTES", staging)
-        monkeypatch.setattr(streaming, "STAGING_BUFFERS", 2)
-        monkeypatch.setattr(streaming, "MIN_READ_BYTES", 1024)
-    model, _ = load_model(folder, dtype=torch.bfloat16, device="cuda")  # streamed by default on CUDA
+    staging = tiny_staging if tiny else None
+    model, _ = load_model(folder, dtype=torch.bfloat16, device="cuda", staging=staging)  # streamed by default on CUDA
     reference, _ = load_model(folder, dtype=torch.bfloat16, device="cpu")
     assert model.lm_head.weight is model.model.embed_tokens.weight
     _assert_matches_checkpoint(model, tensors)
@@ -256,7 +261,7 @@ def test_cuda_tensor_parallel_shards(hf_checkpoint, tiny_staging, monkeypatch):
     _rewrite(folder, torch.bfloat16)
     monkeypatch.setattr(distributed, "tp_rank", lambda: 1)
     monkeypatch.setattr(distributed, "tp_size", lambda: 2)
-    model, _ = load_model(folder, dtype=torch.bfloat16, device="cuda")
+    model, _ = load_model(folder, dtype=torch.bfloat16, device="cuda", staging=tiny_staging)
     reference, _ = load_model(folder, dtype=torch.bfloat16, device="cpu")
     for (name, a), (_, b) in zip(model.named_parameters(), reference.named_parameters()):
         _assert_bits_equal(a.data, b.data, name)
