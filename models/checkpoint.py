@@ -48,7 +48,7 @@ def _listing(names: list[str]) -> str:
     return ", ".join(names[:MAX_LISTED]) + more
 
 
-def _check_names(model: nn.Module, names: set[str]) -> None:
+def check_names(model: nn.Module, names: set[str]) -> None:
     """Raise ValueError for checkpoint tensors with no parameter, or parameters with no tensor."""
     by_name = dict(model.named_parameters(remove_duplicate=False))
     unexpected = sorted(n for n in names if n not in by_name and not n.endswith(SKIPPED_SUFFIXES))
@@ -60,7 +60,7 @@ def _check_names(model: nn.Module, names: set[str]) -> None:
         raise ValueError(f"checkpoint is missing {len(missing)} weights: {_listing(missing)}")
 
 
-def _load_into(params: dict[str, nn.Parameter], name: str, file: Path, tensor: torch.Tensor) -> None:
+def load_into(params: dict[str, nn.Parameter], name: str, file: Path, tensor: torch.Tensor) -> None:
     """Run ``name``'s weight_loader on ``tensor``; a ValueError names the tensor and its file."""
     param = params[name]
     loader = getattr(param, "weight_loader", default_weight_loader)
@@ -79,15 +79,15 @@ def load_weights(model: nn.Module, files: list[Path]) -> int:
     for file in files:
         with safe_open(str(file), framework="pt", device="cpu") as f:
             names.update(f.keys())
-    _check_names(model, names)
+    check_names(model, names)
     params = dict(model.named_parameters(remove_duplicate=False))
     loaded = 0
     for file in files:
         with safe_open(str(file), framework="pt", device="cpu") as f:
             for name in f.keys():
                 if name not in params:
-                    continue  # skipped buffer, already vetted by _check_names
+                    continue  # skipped buffer, already vetted by check_names
                 tensor = f.get_tensor(name)
                 loaded += tensor.numel() * tensor.element_size()
-                _load_into(params, name, file, tensor)
+                load_into(params, name, file, tensor)
     return loaded

@@ -18,7 +18,7 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
-from .checkpoint import _check_names, _load_into
+from .checkpoint import check_names, load_into
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,6 +38,7 @@ class StagingConfig:
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"StagingConfig.{name} must be a positive int, got {value!r}")
 
+
 # safetensors dtype name -> torch dtype, for the types this torch has (others go through get_tensor)
 SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
     name: getattr(torch, attr)
@@ -50,6 +51,8 @@ SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
     }.items()
     if isinstance(getattr(torch, attr, None), torch.dtype)
 }
+
+
 @dataclass(frozen=True, slots=True)
 class TensorEntry:
     """One tensor of a safetensors file, from its header."""
@@ -235,9 +238,9 @@ def stream_weights(model: nn.Module, files: list[Path], staging: StagingConfig |
     """
     staging = staging or StagingConfig()
     entries = [entry for file in files for entry in read_header(file)]
-    _check_names(model, {e.name for e in entries})
+    check_names(model, {e.name for e in entries})
     params = dict(model.named_parameters(remove_duplicate=False))
-    wanted = [e for e in entries if e.name in params]  # skipped buffers were vetted by _check_names
+    wanted = [e for e in entries if e.name in params]  # skipped buffers were vetted by check_names
     device = next(iter(params.values())).device if params else torch.device("cpu")
     loaded = sum(e.nbytes for e in wanted)
 
@@ -245,11 +248,11 @@ def stream_weights(model: nn.Module, files: list[Path], staging: StagingConfig |
     for file in dict.fromkeys(e.file for e in fallback):
         with safe_open(str(file), framework="pt", device="cpu") as f:
             for e in (e for e in fallback if e.file == file):
-                _load_into(params, e.name, e.file, f.get_tensor(e.name).to(params[e.name].device))
+                load_into(params, e.name, e.file, f.get_tensor(e.name).to(params[e.name].device))
     raw = [e for e in wanted if e.dtype in SAFETENSORS_DTYPES]
     for e in (e for e in raw if e.nbytes == 0):  # nothing to read
         dtype = SAFETENSORS_DTYPES[e.dtype]
-        _load_into(params, e.name, e.file, torch.empty(e.shape, dtype=dtype, device=params[e.name].device))
+        load_into(params, e.name, e.file, torch.empty(e.shape, dtype=dtype, device=params[e.name].device))
     raw.sort(key=lambda e: (files.index(e.file), e.offset))  # file order: sequential reads
     chunks = _plan_chunks([e for e in raw if e.nbytes > 0], staging.buffer_bytes)
     if not chunks:
@@ -293,7 +296,7 @@ def _stream_chunks(
                 target[piece.tensor_offset : piece.tensor_offset + piece.nbytes].copy_(source, non_blocking=cuda)
                 if piece.last:
                     tensor = partial.pop(entry).view(SAFETENSORS_DTYPES[entry.dtype]).view(entry.shape)
-                    _load_into(params, entry.name, entry.file, tensor)
+                    load_into(params, entry.name, entry.file, tensor)
             if cuda:
                 event = torch.cuda.Event()
                 event.record(stream)
