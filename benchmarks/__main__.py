@@ -47,6 +47,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     common.add_argument("--tmp", help="folder for temporary checkpoints and compile caches")
     common.add_argument("--python-bytecode", choices=("cached", "as-is"), default="cached",
                         help="startup: children reuse Python bytecode primed once (default), or the environment's")
+    common.add_argument("--repeat", type=int, default=1,
+                        help="startup: cold + warm pairs per mode, each on fresh compile caches (default 1)")
     common.add_argument("--append", action="store_true",
                         help="keep the rows already in OUT/SCENARIO.json (same device); re-measured rows replace them")
     parser = argparse.ArgumentParser(prog="python -m infer.benchmarks", description=__doc__.split("\n\n")[0])
@@ -61,6 +63,8 @@ def settings_for(args: argparse.Namespace, scenario: str) -> Settings:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise SystemExit(f"--device {device} but CUDA is not available; use --device cpu (with --tiny)")
+    if args.repeat < 1:
+        raise SystemExit(f"--repeat must be at least 1, got {args.repeat}")
     size = "tiny" if args.tiny else "quick" if args.quick else "full"
     shapes = ("tiny",) if args.tiny else tuple(args.shape or DEFAULT_SHAPES[scenario])
     if scenario == "startup" and args.quick and not args.shape and not args.tiny:
@@ -69,7 +73,8 @@ def settings_for(args: argparse.Namespace, scenario: str) -> Settings:
     return Settings(device=device, out_dir=Path(args.out), shapes=shapes, batches=tuple(args.batch or batches),
                     contexts=tuple(args.context or contexts), steps=args.steps or STEPS[size], quick=args.quick,
                     tiny=args.tiny, modes=tuple(args.modes or ()), hf=not args.no_hf, tmp_dir=args.tmp,
-                    append=args.append, python_bytecode=args.python_bytecode)
+                    append=args.append, python_bytecode=args.python_bytecode,
+                    repeat=args.repeat)
 
 
 KERNEL_COLUMNS = [Column("kernel", "kernel"), Column("case", "case"), Column("time_us", "us", ".2f"),

@@ -166,7 +166,7 @@ def spawn(model: Path, llm_kwargs: dict, cache_root: Path, settings: Settings, l
     return json.loads(lines[-1][len(MARKER):])
 
 
-COLUMNS = [Column("shape", "shape"), Column("mode", "mode"), Column("phase", "cache"),
+COLUMNS = [Column("shape", "shape"), Column("mode", "mode"), Column("run", "run"), Column("phase", "cache"),
            Column("ttft_s", "LLM() to 1st token s", ".1f"), Column("load_s", "load s", ".1f"),
            Column("dynamo_s", "dynamo s", ".1f"), Column("aot_s", "aot s", ".1f"),
            Column("passes_s", "passes s", ".2f"), Column("inner_s", "inner s", ".1f"),
@@ -195,7 +195,7 @@ def prime_bytecode(root: Path, settings: Settings, llm_modes: tuple[str, ...]) -
 
 def run(settings: Settings, llm_modes: tuple[str, ...] = DEFAULT_MODES) -> Table:
     table = open_table(settings, "startup", "Startup: LLM(...) to first token, cold vs warm compile caches",
-                       COLUMNS, ("shape", "mode", "phase"))
+                       COLUMNS, ("shape", "mode", "run", "phase"))
     shape = settings.shapes[0]
     cfg = qwen3_config(shape)
     table.note("compile total: all Dynamo frames + compile-cache loads, split into dynamo/aot/passes/inner summed "
@@ -211,16 +211,18 @@ def run(settings: Settings, llm_modes: tuple[str, ...] = DEFAULT_MODES) -> Table
         release_memory()
         primed = settings.cuda and settings.python_bytecode == "cached"  # CPU runs are tests: no extra child
         pycache = prime_bytecode(Path(root), settings, llm_modes) if primed else None
-        for mode in llm_modes:
-            for phase in PHASES:
-                base = dict(shape=shape, mode=mode, phase=phase)
-                if not settings.cuda and uses_inductor(mode):
-                    skipped(table, base, "Inductor modes need CUDA here (CPU run: slow C++ compile)")
-                    continue
-                log = settings.out_dir / "startup_logs" / f"{mode}-{phase}.log" if settings.out_dir else None
-                logger.info("startup %s %s %s: spawning a fresh process", shape, mode, phase)
-                measure(table, base, lambda: spawn(model, LLM_MODES[mode], Path(root) / f"cache-{mode}", settings, log,
-                                                   pycache))
+        for run_index in range(1, settings.repeat + 1):
+            for mode in llm_modes:
+                caches = Path(root) / f"cache-{mode}-{run_index}"  # cold: the first process on it
+                for phase in PHASES:
+                    base = dict(shape=shape, mode=mode, run=run_index, phase=phase)
+                    if not settings.cuda and uses_inductor(mode):
+                        skipped(table, base, "Inductor modes need CUDA here (CPU run: slow C++ compile)")
+                        continue
+                    name = f"{mode}-{phase}" + (f"-{run_index}" if settings.repeat > 1 else "")
+                    log = settings.out_dir / "startup_logs" / f"{name}.log" if settings.out_dir else None
+                    logger.info("startup %s %s %s (run %d): spawning a fresh process", shape, mode, phase, run_index)
+                    measure(table, base, lambda: spawn(model, LLM_MODES[mode], caches, settings, log, pycache))
     return table
 
 
