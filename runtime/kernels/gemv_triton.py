@@ -30,10 +30,10 @@ from .pdl import pdl_launch_options
 
 MAX_ROWS = 8  # most rows the kernel takes; callers fall back to a GEMM above this
 NONE, RMS, ADD_RMS, SILU_MUL = 0, 1, 2, 3
-# Largest weight (elements) launched with PDL. A 28-layer chain of 0.6B-sized projections (1-6M
-# elements) ran 28% faster with it (H200: 551 -> 395 us at M=1); 8B-sized ones (17-50M) ran 7%
-# slower, the early-scheduled next kernel holding SM slots the long current one still needs.
-PDL_MAX_WEIGHT = 8 << 20
+# Every GEMV launches with PDL. A 28-layer chain of 0.6B-sized projections (1-6M elements) ran 28%
+# faster with it (H200, session 3: 551 -> 395 us at M=1). 8B-sized weights (17-50M) were launched
+# without it from session 3 on, when a GEMV chain measured 7% slower; in the whole 8B step of
+# session 8 (H200, full decode graph, batch 1) PDL on them is faster: 4.44-4.55 -> 4.39 ms.
 PROLOGUES = {"none": NONE, "rms": RMS, "add_rms": ADD_RMS, "silu_mul": SILU_MUL}
 
 
@@ -180,6 +180,6 @@ def gemv(
             K=k, BLOCK_M=max(1, triton.next_power_of_2(m)), BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
             PROLOGUE=mode, HAS_NORM_WEIGHT=norm_weight is not None, CAST_BEFORE_WEIGHT=cast_before_weight,
             HAS_BIAS=bias is not None, num_warps=cfg.num_warps,
-            **pdl_launch_options(x.device, enable=n * k <= PDL_MAX_WEIGHT),
+            **pdl_launch_options(x.device),
         )
     return y, s
