@@ -20,11 +20,14 @@ __all__ = [
 
 
 # num_slots follows the batch size: not specialized, so a new batch size reuses the compiled kernel.
+# The K and V halves are two pointers: no argument depends on the cache's block count, so the
+# startup profile run's small cache names the same variant as the real one (a stride between the
+# halves would be typed i64 once it passes 2**31 elements).
 @triton.jit(do_not_specialize=["num_slots"])
 def _write_kv_kernel(
-    k_ptr, v_ptr, cache_ptr, slot_ptr, num_slots,
+    k_ptr, v_ptr, k_cache_ptr, v_cache_ptr, slot_ptr, num_slots,
     stride_kt, stride_kh, stride_vt, stride_vh,
-    stride_ckv, stride_cblk, stride_ctok, stride_ch,
+    stride_cblk, stride_ctok, stride_ch,
     NUM_HEADS: tl.constexpr, HEADS_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
 ):
     token = tl.program_id(0)
@@ -37,9 +40,9 @@ def _write_kv_kernel(
     dst = (slot // BLOCK_SIZE) * stride_cblk + (slot % BLOCK_SIZE) * stride_ctok + h[:, None] * stride_ch + d[None, :]
     t = token.to(tl.int64)
     k = tl.load(k_ptr + t * stride_kt + h[:, None] * stride_kh + d[None, :], mask=mask)  # [HEADS_PAD, D]
-    tl.store(cache_ptr + dst, k.to(cache_ptr.dtype.element_ty), mask=mask)
+    tl.store(k_cache_ptr + dst, k.to(k_cache_ptr.dtype.element_ty), mask=mask)
     v = tl.load(v_ptr + t * stride_vt + h[:, None] * stride_vh + d[None, :], mask=mask)  # [HEADS_PAD, D]
-    tl.store(cache_ptr + stride_ckv + dst, v.to(cache_ptr.dtype.element_ty), mask=mask)
+    tl.store(v_cache_ptr + dst, v.to(v_cache_ptr.dtype.element_ty), mask=mask)
 
 
 def write_kv_cache(k: Tensor, v: Tensor, kv_cache: Tensor, slot_mapping: Tensor) -> None:
@@ -52,9 +55,9 @@ def write_kv_cache(k: Tensor, v: Tensor, kv_cache: Tensor, slot_mapping: Tensor)
     if num_tokens == 0:
         return
     _write_kv_kernel[(num_tokens,)](
-        k, v, kv_cache, slot_mapping, slot_mapping.shape[0],
+        k, v, kv_cache[0], kv_cache[1], slot_mapping, slot_mapping.shape[0],
         k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-        kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2), kv_cache.stride(3),
+        kv_cache.stride(1), kv_cache.stride(2), kv_cache.stride(3),
         NUM_HEADS=num_heads, HEADS_PAD=triton.next_power_of_2(num_heads), HEAD_DIM=head_dim,
         BLOCK_SIZE=kv_cache.shape[2], num_warps=1 if num_heads * head_dim <= 512 else 4,
     )

@@ -23,8 +23,11 @@ captured launch replays correctly with new ``seq_lens``/``block_tables`` content
 length 0 (CUDA-graph padding) produces zeros.
 
 Compile count: ints that change with the batch size (``num_splits``, ``min_split_len``,
-``num_slots``) are ``do_not_specialize`` runtime arguments and no constexpr depends on the batch,
-so capturing ~35 batch sizes compiles each kernel once per head/dtype shape, not once per size.
+``num_slots``) or the block-table width (``stride_bt``) are ``do_not_specialize`` runtime
+arguments and no constexpr depends on the batch, so capturing ~35 batch sizes compiles each kernel
+once per head/dtype shape, not once per size. No argument depends on the cache's block count: the
+K and V halves come as two pointers, not one pointer and a stride, which Triton types as a 64-bit
+int (another kernel variant) once it passes 2**31 elements.
 """
 from __future__ import annotations
 
@@ -47,7 +50,7 @@ def _split_len(seq_len, num_splits, min_split_len, BLOCK_N: tl.constexpr):
 
 
 @triton.jit
-def _kv_tile(cache_ptr, table, n0, end, kv_head, d, stride_ckv, stride_cblk, stride_ctok, stride_ch,
+def _kv_tile(k_cache_ptr, v_cache_ptr, table, n0, end, kv_head, d, stride_cblk, stride_ctok, stride_ch,
              BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr):
     """``(k, v, mask)``: the ``[BLOCK_N, D]`` K and V rows of tokens ``n0..n0+BLOCK_N`` (those below
     ``end``) of one kv head, gathered through the block table."""
@@ -55,8 +58,8 @@ def _kv_tile(cache_ptr, table, n0, end, kv_head, d, stride_ckv, stride_cblk, str
     mask = tok < end
     blk = tl.load(table + tok // BLOCK_SIZE, mask=mask, other=0).to(tl.int64)
     row = blk * stride_cblk + (tok % BLOCK_SIZE) * stride_ctok + kv_head * stride_ch  # [BLOCK_N]
-    k = tl.load(cache_ptr + row[:, None] + d[None, :], mask=mask[:, None], other=0.0)
-    v = tl.load(cache_ptr + stride_ckv + row[:, None] + d[None, :], mask=mask[:, None], other=0.0)
+    k = tl.load(k_cache_ptr + row[:, None] + d[None, :], mask=mask[:, None], other=0.0)
+    v = tl.load(v_cache_ptr + row[:, None] + d[None, :], mask=mask[:, None], other=0.0)
     return k, v, mask
 
 
@@ -73,12 +76,13 @@ def _attend_tile(q, k, v, t_mask, m_i, l_i, acc, scale_log2e, PRECISION: tl.cons
     return m_new, l_i, acc
 
 
-@triton.jit(do_not_specialize=["num_splits", "min_split_len", "num_slots"])
+@triton.jit(do_not_specialize=["num_splits", "min_split_len", "num_slots", "stride_bt"])
 def _decode_partial_kernel(
-    q_ptr, k_ptr, v_ptr, cache_ptr, slot_ptr, block_tables_ptr, seq_lens_ptr, out_ptr, part_o_ptr, part_lse_ptr,
+    q_ptr, k_ptr, v_ptr, k_cache_ptr, v_cache_ptr, slot_ptr, block_tables_ptr, seq_lens_ptr, out_ptr,
+    part_o_ptr, part_lse_ptr,
     scale_log2e, num_splits, min_split_len, max_context, num_slots,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
-    stride_ckv, stride_cblk, stride_ctok, stride_ch, stride_bt,
+    stride_cblk, stride_ctok, stride_ch, stride_bt,
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     BLOCK_N: tl.constexpr, FUSE_WRITE: tl.constexpr, PRECISION: tl.constexpr, USE_PDL: tl.constexpr,
 ):
@@ -109,7 +113,7 @@ def _decode_partial_kernel(
         return
 
     table = block_tables_ptr + seq.to(tl.int64) * stride_bt
-    k, v, t_mask = _kv_tile(cache_ptr, table, start, end, kv_head, d, stride_ckv, stride_cblk, stride_ctok,
+    k, v, t_mask = _kv_tile(k_cache_ptr, v_cache_ptr, table, start, end, kv_head, d, stride_cblk, stride_ctok,
                             stride_ch, BLOCK_SIZE, BLOCK_N)  # the first tile, peeled off the loop
     if USE_PDL:
         if FUSE_WRITE:
@@ -118,11 +122,11 @@ def _decode_partial_kernel(
     if FUSE_WRITE:
         k_new = tl.load(k_ptr + seq.to(tl.int64) * stride_kt + kv_head * stride_kh + d, mask=w_mask, other=0.0)
         v_new = tl.load(v_ptr + seq.to(tl.int64) * stride_vt + kv_head * stride_vh + d, mask=w_mask, other=0.0)
-        k_new = k_new.to(cache_ptr.dtype.element_ty)  # [D], exactly what the cache will hold
-        v_new = v_new.to(cache_ptr.dtype.element_ty)  # [D]
+        k_new = k_new.to(k_cache_ptr.dtype.element_ty)  # [D], exactly what the cache will hold
+        v_new = v_new.to(k_cache_ptr.dtype.element_ty)  # [D]
         dst = (slot // BLOCK_SIZE) * stride_cblk + (slot % BLOCK_SIZE) * stride_ctok + kv_head * stride_ch + d
-        tl.store(cache_ptr + dst, k_new, mask=w_mask)
-        tl.store(cache_ptr + stride_ckv + dst, v_new, mask=w_mask)
+        tl.store(k_cache_ptr + dst, k_new, mask=w_mask)
+        tl.store(v_cache_ptr + dst, v_new, mask=w_mask)
         # The loop's tiles are read after this barrier, so they see the stores above (the whole
         # program's threads are ordered by it); the first tile was read before them and takes the
         # new row from registers.
@@ -142,7 +146,7 @@ def _decode_partial_kernel(
     if start < end:
         m_i, l_i, acc = _attend_tile(q, k, v, t_mask, m_i, l_i, acc, scale_log2e, PRECISION)
     for n0 in range(start + BLOCK_N, end, BLOCK_N):  # names of their own: nothing else is loop-carried
-        k_n, v_n, mask_n = _kv_tile(cache_ptr, table, n0, end, kv_head, d, stride_ckv, stride_cblk, stride_ctok,
+        k_n, v_n, mask_n = _kv_tile(k_cache_ptr, v_cache_ptr, table, n0, end, kv_head, d, stride_cblk, stride_ctok,
                                     stride_ch, BLOCK_SIZE, BLOCK_N)
         m_i, l_i, acc = _attend_tile(q, k_n, v_n, mask_n, m_i, l_i, acc, scale_log2e, PRECISION)
 
@@ -232,10 +236,10 @@ def _launch(
     pdl = pdl_launch_options(q.device)
     pdl_reduce = pdl_launch_options(q.device, enable=num_seqs * num_kv_heads < sm_count(q.device))
     _decode_partial_kernel[(num_seqs, num_kv_heads, splits)](
-        q, k, v, kv_cache, slots, block_tables, seq_lens, out, part_o, part_lse,
+        q, k, v, kv_cache[0], kv_cache[1], slots, block_tables, seq_lens, out, part_o, part_lse,
         scale * LOG2E, splits, min_split_len, max_context, slots.shape[0],
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), out.stride(0), out.stride(1),
-        kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2), kv_cache.stride(3), block_tables.stride(0),
+        kv_cache.stride(1), kv_cache.stride(2), kv_cache.stride(3), block_tables.stride(0),
         GROUP=num_q_heads // num_kv_heads, GROUP_PAD=max(16, triton.next_power_of_2(num_q_heads // num_kv_heads)),
         HEAD_DIM=head_dim, BLOCK_SIZE=block_size, BLOCK_N=config.block_n, FUSE_WRITE=new_kv is not None,
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32",

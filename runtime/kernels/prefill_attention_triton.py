@@ -37,8 +37,8 @@ class PrefillConfig:
 
 
 @triton.jit
-def _prefill_tile(q, q_pos, n0, kv_end, table, cache_ptr, kv_head, d, m_i, l_i, acc, scale_log2e,
-                  stride_ckv, stride_cblk, stride_ctok, stride_ch, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
+def _prefill_tile(q, q_pos, n0, kv_end, table, k_cache_ptr, v_cache_ptr, kv_head, d, m_i, l_i, acc, scale_log2e,
+                  stride_cblk, stride_ctok, stride_ch, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
                   PRECISION: tl.constexpr, MASKED: tl.constexpr):
     """One online-softmax step over keys ``n0..n0+BLOCK_N``: the new ``(m_i, l_i, acc)``.
     ``MASKED``: the tile may cross the causal diagonal or ``kv_end``; else every key is visible."""
@@ -50,9 +50,9 @@ def _prefill_tile(q, q_pos, n0, kv_end, table, cache_ptr, kv_head, d, m_i, l_i, 
         blk = tl.load(table + tok // BLOCK_SIZE).to(tl.int64)
     row = blk * stride_cblk + (tok % BLOCK_SIZE) * stride_ctok + kv_head * stride_ch  # [BLOCK_N]
     if MASKED:
-        k = tl.load(cache_ptr + row[:, None] + d[None, :], mask=t_mask[:, None], other=0.0)  # [BLOCK_N, D]
+        k = tl.load(k_cache_ptr + row[:, None] + d[None, :], mask=t_mask[:, None], other=0.0)  # [BLOCK_N, D]
     else:
-        k = tl.load(cache_ptr + row[:, None] + d[None, :])
+        k = tl.load(k_cache_ptr + row[:, None] + d[None, :])
     qk = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale_log2e  # [BLOCK_M, BLOCK_N]
     if MASKED:
         allowed = (tok[None, :] <= q_pos[:, None]) & t_mask[None, :]
@@ -66,18 +66,21 @@ def _prefill_tile(q, q_pos, n0, kv_end, table, cache_ptr, kv_head, d, m_i, l_i, 
     p = tl.exp2(qk - m_safe[:, None])
     l_i = l_i * alpha + tl.sum(p, 1)
     if MASKED:
-        v = tl.load(cache_ptr + stride_ckv + row[:, None] + d[None, :], mask=t_mask[:, None], other=0.0)
+        v = tl.load(v_cache_ptr + row[:, None] + d[None, :], mask=t_mask[:, None], other=0.0)
     else:
-        v = tl.load(cache_ptr + stride_ckv + row[:, None] + d[None, :])
+        v = tl.load(v_cache_ptr + row[:, None] + d[None, :])
     acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
     return m_new, l_i, acc
 
 
-@triton.jit(do_not_specialize=["num_tokens"])
+# Not specialized: the token count and the block-table width change from step to step, and the K and
+# V halves of the cache are two pointers (a stride between them would be typed i64 past 2**31
+# elements, a new variant for a large cache that the startup profile run's small one never named).
+@triton.jit(do_not_specialize=["num_tokens", "stride_bt"])
 def _prefill_kernel(
-    q_ptr, cache_ptr, out_ptr, block_tables_ptr, seq_lens_ptr, query_start_ptr, scale_log2e, num_tokens,
+    q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, block_tables_ptr, seq_lens_ptr, query_start_ptr, scale_log2e, num_tokens,
     stride_qt, stride_qh, stride_ot, stride_oh,
-    stride_ckv, stride_cblk, stride_ctok, stride_ch, stride_bt,
+    stride_cblk, stride_ctok, stride_ch, stride_bt,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
 ):
@@ -117,12 +120,12 @@ def _prefill_kernel(
     # in a loop without the causal and bounds masks; the tiles across the diagonal follow.
     full_end = (tl.minimum(context + m_block * BLOCK_M + 1, kv_end) // BLOCK_N) * BLOCK_N
     for n0 in range(0, full_end, BLOCK_N):
-        m_i, l_i, acc = _prefill_tile(q, q_pos, n0, kv_end, table, cache_ptr, kv_head, d, m_i, l_i, acc,
-                                      scale_log2e, stride_ckv, stride_cblk, stride_ctok, stride_ch,
+        m_i, l_i, acc = _prefill_tile(q, q_pos, n0, kv_end, table, k_cache_ptr, v_cache_ptr, kv_head, d, m_i, l_i,
+                                      acc, scale_log2e, stride_cblk, stride_ctok, stride_ch,
                                       BLOCK_SIZE, BLOCK_N, PRECISION, False)
     for n0 in range(full_end, kv_end, BLOCK_N):
-        m_i, l_i, acc = _prefill_tile(q, q_pos, n0, kv_end, table, cache_ptr, kv_head, d, m_i, l_i, acc,
-                                      scale_log2e, stride_ckv, stride_cblk, stride_ctok, stride_ch,
+        m_i, l_i, acc = _prefill_tile(q, q_pos, n0, kv_end, table, k_cache_ptr, v_cache_ptr, kv_head, d, m_i, l_i,
+                                      acc, scale_log2e, stride_cblk, stride_ctok, stride_ch,
                                       BLOCK_SIZE, BLOCK_N, PRECISION, True)
 
     out = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]
@@ -156,9 +159,9 @@ def prefill_attention(
     # grid row num_seqs: programs that zero the padding rows past query_start_loc[-1] (known on the device)
     grid = (triton.cdiv(max_query_len, config.block_m), num_seqs + 1, num_q_heads)
     _prefill_kernel[grid](
-        q, kv_cache, out, block_tables, seq_lens, query_start_loc, scale * LOG2E, num_tokens,
+        q, kv_cache[0], kv_cache[1], out, block_tables, seq_lens, query_start_loc, scale * LOG2E, num_tokens,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
-        kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2), kv_cache.stride(3), block_tables.stride(0),
+        kv_cache.stride(1), kv_cache.stride(2), kv_cache.stride(3), block_tables.stride(0),
         GROUP=num_q_heads // num_kv_heads, HEAD_DIM=head_dim, BLOCK_SIZE=block_size,
         BLOCK_M=config.block_m, BLOCK_N=config.block_n,
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32",

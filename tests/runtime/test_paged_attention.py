@@ -151,6 +151,46 @@ def test_triton_prefill_kernel(block_m):
 
 
 
+class _Launches:
+    """Stands in for a Triton kernel: ``kernel[grid](*args, **kwargs)`` records the call, runs nothing."""
+
+    def __init__(self) -> None:
+        self.calls = []
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: self.calls.append((args, kwargs))
+
+    def scalars(self) -> list:
+        """Every non-tensor argument of every call (what Triton specializes or types by value)."""
+        return [([a for a in args if not isinstance(a, torch.Tensor)], kwargs) for args, kwargs in self.calls]
+
+
+def test_kernel_arguments_do_not_depend_on_the_cache_block_count(monkeypatch):
+    """The startup profile run names the write/prefill kernel variants on a small temporary cache;
+    the real cache may be 1000x larger. No launch argument may follow the block count: an int past
+    2**31 (the distance between the K and V halves of a 70 GB cache, in elements) is typed i64 by
+    Triton, a kernel variant nobody compiled at startup."""
+    kernels = _triton()
+    from infer.runtime.kernels import decode_attention_triton, prefill_attention_triton
+    recorded = {}
+    for num_blocks in (8, 4096):
+        launches = {name: _Launches() for name in ("write", "decode", "prefill")}
+        monkeypatch.setattr(kernels, "_write_kv_kernel", launches["write"])
+        monkeypatch.setattr(decode_attention_triton, "_decode_partial_kernel", launches["decode"])
+        monkeypatch.setattr(prefill_attention_triton, "_prefill_kernel", launches["prefill"])
+        batch = make_batch([1, 1], [20, 17], 4, 2, 64, 16, num_blocks=num_blocks, width=8)
+        kernels.write_kv_cache(batch.k, batch.v, batch.cache, batch.md.slot_mapping)
+        md = batch.md
+        kernels.decode_attention(batch.q, batch.cache, md.seq_lens, md.block_tables, 0.125, num_splits=1)
+        kernels.decode_attention_with_kv_write(batch.q, batch.k.view(2, 2, 64), batch.v.view(2, 2, 64), batch.cache,
+                                               md.slot_mapping, md.seq_lens, md.block_tables, 0.125, num_splits=1)
+        kernels.prefill_attention(batch.q, batch.cache, md.query_start_loc, md.seq_lens, md.block_tables,
+                                  md.max_query_len, 0.125)
+        recorded[num_blocks] = {name: launch.scalars() for name, launch in launches.items()}
+        assert [len(recorded[num_blocks][n]) for n in ("write", "decode", "prefill")] == [1, 2, 1]
+    assert recorded[8] == recorded[4096]
+
+
 def test_triton_prefill_kernel_zeroes_every_padding_row():
     """Padding rows are zeroed by the kernel, not by a fill of the whole output: with ``out`` full of
     NaN and more padding rows (40) than one pass of the padding programs covers (2 x 16), every real
