@@ -11,6 +11,7 @@ from torch import Tensor
 
 from .decode_attention_triton import decode_attention, decode_attention_with_kv_write
 from .decode_plan import DecodeConfig, choose_num_splits, fuse_kv_write, plan_splits
+from .kv_layout import cache_halves, cache_strides
 from .prefill_attention_triton import PrefillConfig, prefill_attention
 
 __all__ = [
@@ -20,9 +21,7 @@ __all__ = [
 
 
 # num_slots follows the batch size: not specialized, so a new batch size reuses the compiled kernel.
-# The K and V halves are two pointers: no argument depends on the cache's block count, so the
-# startup profile run's small cache names the same variant as the real one (a stride between the
-# halves would be typed i64 once it passes 2**31 elements).
+# The cache comes as K and V halves (kv_layout): no argument follows its block count.
 @triton.jit(do_not_specialize=["num_slots"])
 def _write_kv_kernel(
     k_ptr, v_ptr, k_cache_ptr, v_cache_ptr, slot_ptr, num_slots,
@@ -55,9 +54,9 @@ def write_kv_cache(k: Tensor, v: Tensor, kv_cache: Tensor, slot_mapping: Tensor)
     if num_tokens == 0:
         return
     _write_kv_kernel[(num_tokens,)](
-        k, v, kv_cache[0], kv_cache[1], slot_mapping, slot_mapping.shape[0],
+        k, v, *cache_halves(kv_cache), slot_mapping, slot_mapping.shape[0],
         k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-        kv_cache.stride(1), kv_cache.stride(2), kv_cache.stride(3),
+        *cache_strides(kv_cache),
         NUM_HEADS=num_heads, HEADS_PAD=triton.next_power_of_2(num_heads), HEAD_DIM=head_dim,
         BLOCK_SIZE=kv_cache.shape[2], num_warps=1 if num_heads * head_dim <= 512 else 4,
     )

@@ -25,9 +25,8 @@ length 0 (CUDA-graph padding) produces zeros.
 Compile count: ints that change with the batch size (``num_splits``, ``min_split_len``,
 ``num_slots``) or the block-table width (``stride_bt``) are ``do_not_specialize`` runtime
 arguments and no constexpr depends on the batch, so capturing ~35 batch sizes compiles each kernel
-once per head/dtype shape, not once per size. No argument depends on the cache's block count: the
-K and V halves come as two pointers, not one pointer and a stride, which Triton types as a 64-bit
-int (another kernel variant) once it passes 2**31 elements.
+once per head/dtype shape, not once per size. Nor does any argument follow the cache's block count
+(:mod:`.kv_layout`).
 """
 from __future__ import annotations
 
@@ -37,6 +36,7 @@ import triton.language as tl
 from torch import Tensor
 
 from .decode_plan import DecodeConfig, plan_splits, sm_count
+from .kv_layout import cache_halves, cache_strides
 from .pdl import pdl_launch_options
 
 LOG2E = 1.4426950408889634
@@ -123,7 +123,7 @@ def _decode_partial_kernel(
         k_new = tl.load(k_ptr + seq.to(tl.int64) * stride_kt + kv_head * stride_kh + d, mask=w_mask, other=0.0)
         v_new = tl.load(v_ptr + seq.to(tl.int64) * stride_vt + kv_head * stride_vh + d, mask=w_mask, other=0.0)
         k_new = k_new.to(k_cache_ptr.dtype.element_ty)  # [D], exactly what the cache will hold
-        v_new = v_new.to(k_cache_ptr.dtype.element_ty)  # [D]
+        v_new = v_new.to(v_cache_ptr.dtype.element_ty)  # [D]
         dst = (slot // BLOCK_SIZE) * stride_cblk + (slot % BLOCK_SIZE) * stride_ctok + kv_head * stride_ch + d
         tl.store(k_cache_ptr + dst, k_new, mask=w_mask)
         tl.store(v_cache_ptr + dst, v_new, mask=w_mask)
@@ -236,10 +236,10 @@ def _launch(
     pdl = pdl_launch_options(q.device)
     pdl_reduce = pdl_launch_options(q.device, enable=num_seqs * num_kv_heads < sm_count(q.device))
     _decode_partial_kernel[(num_seqs, num_kv_heads, splits)](
-        q, k, v, kv_cache[0], kv_cache[1], slots, block_tables, seq_lens, out, part_o, part_lse,
+        q, k, v, *cache_halves(kv_cache), slots, block_tables, seq_lens, out, part_o, part_lse,
         scale * LOG2E, splits, min_split_len, max_context, slots.shape[0],
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), out.stride(0), out.stride(1),
-        kv_cache.stride(1), kv_cache.stride(2), kv_cache.stride(3), block_tables.stride(0),
+        *cache_strides(kv_cache), block_tables.stride(0),
         GROUP=num_q_heads // num_kv_heads, GROUP_PAD=max(16, triton.next_power_of_2(num_q_heads // num_kv_heads)),
         HEAD_DIM=head_dim, BLOCK_SIZE=block_size, BLOCK_N=config.block_n, FUSE_WRITE=new_kv is not None,
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32",

@@ -15,6 +15,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from .kv_layout import cache_halves, cache_strides
+
 LOG2E = 1.4426950408889634
 
 
@@ -73,9 +75,8 @@ def _prefill_tile(q, q_pos, n0, kv_end, table, k_cache_ptr, v_cache_ptr, kv_head
     return m_new, l_i, acc
 
 
-# Not specialized: the token count and the block-table width change from step to step, and the K and
-# V halves of the cache are two pointers (a stride between them would be typed i64 past 2**31
-# elements, a new variant for a large cache that the startup profile run's small one never named).
+# Not specialized: the token count and the block-table width change from step to step. The cache
+# comes as K and V halves (kv_layout): no argument follows its block count.
 @triton.jit(do_not_specialize=["num_tokens", "stride_bt"])
 def _prefill_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, block_tables_ptr, seq_lens_ptr, query_start_ptr, scale_log2e, num_tokens,
@@ -159,9 +160,9 @@ def prefill_attention(
     # grid row num_seqs: programs that zero the padding rows past query_start_loc[-1] (known on the device)
     grid = (triton.cdiv(max_query_len, config.block_m), num_seqs + 1, num_q_heads)
     _prefill_kernel[grid](
-        q, kv_cache[0], kv_cache[1], out, block_tables, seq_lens, query_start_loc, scale * LOG2E, num_tokens,
+        q, *cache_halves(kv_cache), out, block_tables, seq_lens, query_start_loc, scale * LOG2E, num_tokens,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
-        kv_cache.stride(1), kv_cache.stride(2), kv_cache.stride(3), block_tables.stride(0),
+        *cache_strides(kv_cache), block_tables.stride(0),
         GROUP=num_q_heads // num_kv_heads, HEAD_DIM=head_dim, BLOCK_SIZE=block_size,
         BLOCK_M=config.block_m, BLOCK_N=config.block_n,
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
