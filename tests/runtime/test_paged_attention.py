@@ -150,7 +150,6 @@ def test_triton_prefill_kernel(block_m):
     assert out[-2:].abs().max() == 0
 
 
-
 class _Launches:
     """Stands in for a Triton kernel: ``kernel[grid](*args, **kwargs)`` records the call, runs nothing."""
 

@@ -70,4 +70,3 @@ def test_dry_steps_run_the_first_layer_of_each_kind_only():
     torch.testing.assert_close(hidden, torch.full((2,), 2.0))
     torch.testing.assert_close(residual, torch.full((2,), 2.0))
 
-
