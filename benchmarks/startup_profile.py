@@ -72,6 +72,10 @@ class StackSampler:
         lines += [f"  {c / total:6.1%} {c * per:6.2f}s  {name}" for name, c in own.most_common(rows)]
         return "\n".join(lines)
 
+    def collapsed(self) -> str:
+        """One line per distinct stack, ``outer;...;inner count`` (flame-graph input)."""
+        return "\n".join(f"{';'.join(stack)} {count}" for stack, count in self.stacks.most_common())
+
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -80,7 +84,7 @@ def main() -> None:
     parser.add_argument("--max-num-seqs", type=int, default=256)
     parser.add_argument("--rows", type=int, default=40)
     parser.add_argument("--checkpoint", help="reuse this checkpoint folder (written if missing)")
-    parser.add_argument("--out", help="write the raw profile here (cProfile only)")
+    parser.add_argument("--out", help="write the raw profile here (cProfile), or the collapsed stacks (--sample)")
     parser.add_argument("--sample", action="store_true", help="sample the main thread's stack instead of cProfile")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(message)s")
@@ -111,6 +115,8 @@ def main() -> None:
     print(f"LLM() {init_s:.1f} s, to first token {total_s:.1f} s, capture {llm.capture_seconds:.1f} s")
     if args.sample:
         print(sampler.report(args.rows))
+        if args.out:
+            Path(args.out).write_text(sampler.collapsed() + "\n")
         return
     stats = pstats.Stats(profiler)
     if args.out:

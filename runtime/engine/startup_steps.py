@@ -41,6 +41,17 @@ def _first_of_each_kind(layer_fn):
     return layer
 
 
+def profile_forward(model: nn.Module, input_ids: Tensor, positions: Tensor) -> Tensor:
+    """The eager forward of the profile run. With stages, only the first layer of each kind runs:
+    a layer's activations are freed before the next layer runs, and a layer of the same kind
+    allocates the same again, so the peak is the same as the whole stack's (an 8B model runs 1
+    layer of 36). Its output values differ, and the profile run never reads them."""
+    if not hasattr(model, "run_stages"):
+        return model(input_ids, positions)
+    stages = model.stages
+    return model.run_stages(input_ids, positions, stages._replace(layer=_first_of_each_kind(stages.layer)))
+
+
 class StartupSteps:
     """The startup half of :class:`~.model_runner.ModelRunner` (a base class: it uses the runner's
     model, config, forward, buffers and compile pool)."""
@@ -130,6 +141,7 @@ class StartupSteps:
         The forward is eager: a graph compiled here would guard on that cache (its block count,
         and that it is an inference tensor) and the first real step would compile another. Eager
         activations are no smaller than the compiled graph's, whose fusions only remove some.
+        It runs one layer of each kind (:func:`profile_forward`): the peak is the same.
         With a compile pool (CUDA) the run is dry: its Triton kernels are handed to the pool, not
         launched. It allocates just the same (a skipped kernel's outputs exist all the same); its
         values, never read, are garbage.
@@ -150,7 +162,7 @@ class StartupSteps:
             positions = self._tensor([p for n in lens for p in range(n)])  # [T]
             dry = self._compiles.deferring() if self._compiles is not None else contextlib.nullcontext()
             with forward_context(metadata), dry:
-                hidden = self.model.forward(ids, positions)  # [T, H], eager (see above)
+                hidden = profile_forward(self.model, ids, positions)  # [T, H], eager (see above)
                 rows = min(config.max_num_seqs, total)
                 logits = self.model.compute_logits(hidden[-rows:])  # [rows, V]
                 sample(logits, [PROFILE_SAMPLING] * rows)

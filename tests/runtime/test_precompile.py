@@ -70,3 +70,65 @@ def test_dry_steps_run_the_first_layer_of_each_kind_only():
     torch.testing.assert_close(hidden, torch.full((2,), 2.0))
     torch.testing.assert_close(residual, torch.full((2,), 2.0))
 
+
+
+def _tiny_llama(device: str = "cpu"):
+    """A 4-layer random Llama (head_dim 64, which the Triton kernels take) with a bound KV cache,
+    and a 2-sequence prefill step's metadata."""
+    from infer.models.llama import LlamaForCausalLM
+    from infer.runtime.attention import Attention, AttentionMetadata
+    from tiny_hf import make_hf_model
+
+    config = make_hf_model("llama", num_hidden_layers=4, hidden_size=256, head_dim=64).config
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config).to(device).eval()
+    for module in model.modules():
+        if isinstance(module, Attention):
+            module.bind_kv_cache(torch.zeros(2, 8, 4, module.num_kv_heads, module.head_dim, device=device))
+    metadata = AttentionMetadata.build([7, 5], [7, 5], [[0, 1], [2, 3]], 4, device)
+    ids = torch.arange(3, 15, device=device)  # [12]
+    positions = torch.tensor(list(range(7)) + list(range(5)), device=device)  # [12]
+    return model, metadata, ids, positions
+
+
+def test_profile_forward_runs_the_first_layer_of_each_kind(monkeypatch):
+    from infer.models.llama import LlamaDecoderLayer
+    from infer.runtime.attention import forward_context
+    from infer.runtime.engine.startup_steps import profile_forward
+
+    model, metadata, ids, positions = _tiny_llama()
+    ran = []
+    layer_forward = LlamaDecoderLayer.forward
+
+    def counted(layer, *args):
+        ran.append(layer)
+        return layer_forward(layer, *args)
+
+    monkeypatch.setattr(LlamaDecoderLayer, "forward", counted)
+    with torch.inference_mode(), forward_context(metadata):
+        hidden = profile_forward(model, ids, positions)  # [T, H]
+    assert ran == [model.model.layers[0]]  # the other three are of the same kind
+    assert hidden.shape == (12, model.config.hidden_size)
+    ran.clear()
+    with torch.inference_mode(), forward_context(metadata):
+        model(ids, positions)
+    assert ran == list(model.model.layers)  # the model's own forward is untouched
+
+
+@pytest.mark.gpu
+def test_profile_forward_has_the_whole_stack_s_activation_peak():
+    from infer.runtime.attention import forward_context
+    from infer.runtime.engine.startup_steps import profile_forward
+
+    model, metadata, ids, positions = _tiny_llama("cuda")
+    peaks = []
+    for forward in (model, lambda i, p: profile_forward(model, i, p)):
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        with torch.inference_mode(), forward_context(metadata):
+            out = forward(ids, positions)  # [T, H]
+        torch.cuda.synchronize()
+        peaks.append(torch.cuda.max_memory_allocated() - base)
+        del out
+    assert peaks[0] > 0 and peaks[1] == peaks[0]
