@@ -75,11 +75,22 @@ def _load_tokenizer(path: str) -> Any:
     return AutoTokenizer.from_pretrained(path)
 
 
-def _prepare_compiler(inner_compiler: str) -> None:
+def _prepare_runtime(config: EngineConfig) -> None:
+    """Head starts for a setup thread while the weights load: Triton's CUDA driver, then the
+    compiler's imports. Failures only cost the head start: the real use reports them."""
+    if torch.device(config.device).type == "cuda":
+        from ..kernels.precompile import warm_triton_driver
+        try:
+            warm_triton_driver()
+        except Exception as err:
+            logger.debug("creating Triton's driver failed: %r", err)
+    if not config.compile:
+        return
     from ...compiler.inner import prepare_inner_compiler
+    inner_compiler = config.compile_options_dict.get("inner_compiler", "inductor")
     try:
         prepare_inner_compiler(inner_compiler)
-    except Exception as err:  # only a head start: the compile itself reports real failures
+    except Exception as err:
         logger.debug("preparing the %s inner compiler failed: %r", inner_compiler, err)
 
 
@@ -130,8 +141,7 @@ class LLM:
         # module from before, without its names)
         with ThreadPoolExecutor(max_workers=2, thread_name_prefix="llm-setup") as pool:
             tokenizer = pool.submit(_load_tokenizer, config.model)  # overlaps loading and compiling
-            if config.compile:
-                pool.submit(_prepare_compiler, config.compile_options_dict.get("inner_compiler", "inductor"))
+            pool.submit(_prepare_runtime, config)
             self.model, self.hf_config = load_model(config.model, dtype=config.dtype, device=config.device)
             self.config = config.resolve(self.hf_config)
             self.runner = ModelRunner(self.model, self.config)

@@ -14,6 +14,12 @@ another and the main thread; its Python front end does hold the GIL, which slows
 and Dynamo meanwhile. (Worker processes were tried instead, and measured slower on the H100
 host: eight Python processes importing torch contend with the weight load.)
 
+While deferring, no Triton kernel runs at all: a launch of a kernel that is compiled already is
+skipped too (``kernel[grid](...)`` becomes Triton's warm-up call, which binds the arguments and
+stops before the launch). Its first launch would build its launcher on the calling thread, a C
+compile (0.4-0.6 s each on a slow host) that the pool thread which compiled the kernel is
+running at the same time; three such launches cost a cold 8B start 1.45 s of its main thread.
+
 A dry step computes garbage (skipped kernels leave their outputs unwritten): it may only be
 used for what it launches, never for its values. The Triton interpreter (``TRITON_INTERPRET=1``)
 and CPU tensors never reach the hook, so there it changes nothing.
@@ -37,6 +43,24 @@ DEFAULT_WORKERS = 8
 DRY_SWITCH_INTERVAL_S = 0.0005
 
 
+def _dry_getitem(fn, grid):
+    """``JITFunction.__getitem__`` while deferring: bind the arguments (a miss reaches the hook) and
+    return before the launch."""
+    return lambda *args, **kwargs: fn.run(*args, grid=grid, warmup=True, **kwargs)
+
+
+def _jit_function_class():
+    from triton.runtime.jit import JITFunction
+    return JITFunction
+
+
+def warm_triton_driver() -> None:
+    """Create Triton's CUDA driver (a C compile of its utilities when Triton's cache is cold), for a
+    thread that runs while the weights load: otherwise the first kernel launch pays it."""
+    from triton.runtime.driver import driver
+    driver.active.get_current_device  # noqa: B018  (the attribute access creates it)
+
+
 def _knobs():
     try:
         from triton import knobs
@@ -57,6 +81,7 @@ class KernelCompiles:
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="triton-compile")
         self._futures: dict[tuple[int, str], Future] = {}
         self._lock = threading.Lock()
+        self._local = threading.local()  # .compiling: this pool thread is inside its own preload
         self.names: list[str] = []
         self.failed: list[str] = []
         self.timings: list[tuple[float, float, str]] = []  # (seconds compiling, finished at, kernel) per compile
@@ -70,7 +95,10 @@ class KernelCompiles:
         """Inside: a launch of a not-yet-compiled kernel is handed off and skipped."""
         knobs = _knobs()
         previous, interval = knobs.jit_cache_hook, sys.getswitchinterval()
+        jit_cls = _jit_function_class()
+        own_getitem = jit_cls.__dict__.get("__getitem__")  # None: inherited from KernelInterface
         knobs.jit_cache_hook = self._hook
+        jit_cls.__getitem__ = _dry_getitem  # no launch, compiled or not (see the module docstring)
         # The pool's Python front end takes the GIL from the dry steps; a short switch interval
         # hands it back to them sooner than the default 5 ms.
         sys.setswitchinterval(DRY_SWITCH_INTERVAL_S)
@@ -78,11 +106,15 @@ class KernelCompiles:
             yield
         finally:
             knobs.jit_cache_hook = previous
+            if own_getitem is None:
+                del jit_cls.__getitem__
+            else:
+                jit_cls.__getitem__ = own_getitem
             sys.setswitchinterval(interval)
 
     def _hook(self, *, key, fn, compile, is_manual_warmup, **_) -> bool:
         """Triton's ``jit_cache_hook``: True skips the compile and the launch."""
-        if is_manual_warmup:  # our own preload (or a caller's warmup): compile it here
+        if getattr(self._local, "compiling", False):  # a pool thread's own preload: compile it here
             return False
         jit, data = fn.jit_function, compile.get("specialization_data")
         if data is None or not hasattr(jit, "preload"):  # a Triton without preload: compile at launch
@@ -97,7 +129,11 @@ class KernelCompiles:
         start = time.perf_counter()
         if torch.cuda.is_available():
             torch.cuda.set_device(device)  # a pool thread starts on device 0
-        kernel = jit.preload(specialization_data)
+        self._local.compiling = True
+        try:
+            kernel = jit.preload(specialization_data)
+        finally:
+            self._local.compiling = False
         init = getattr(kernel, "_init_handles", None)
         if init is not None:  # the launcher (built, or a C compile when cold) and the module load
             init()

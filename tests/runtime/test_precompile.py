@@ -53,6 +53,48 @@ def test_dry_launches_compile_on_the_pool_and_the_real_launch_reuses_them():
     assert len(kernel_cache()) == 2, "the real launches must hit the pool's compiles"
 
 
+def test_deferring_turns_every_launch_into_a_warmup_and_restores_launches_after():
+    from triton.runtime.jit import JITFunction
+
+    from infer.runtime.kernels.precompile import KernelCompiles
+
+    def body(x):
+        pass
+
+    kernel = JITFunction(body)  # a compiled (not interpreted) kernel object, whatever TRITON_INTERPRET says
+    calls = []
+    kernel.run = lambda *args, grid, warmup, **kwargs: calls.append((args, grid, warmup, kwargs))
+    compiles = KernelCompiles(workers=1)
+    try:
+        with compiles.deferring():
+            kernel[(3,)](7, flag=True)
+        kernel[(2,)](8)
+    finally:
+        compiles.close()
+    assert calls == [((7,), (3,), True, {"flag": True}), ((8,), (2,), False, {})]
+    assert "__getitem__" not in JITFunction.__dict__  # the class's own lookup is back
+
+
+@pytest.mark.gpu
+def test_a_dry_launch_of_a_compiled_kernel_does_not_run():
+    kernel = _scale_kernel()
+    x = torch.arange(100, dtype=torch.float32, device="cuda")  # [100]
+    y = torch.zeros_like(x)
+    kernel[(1,)](x, y, x.numel(), FACTOR=2, BLOCK=128)  # compiled and launched for real
+    torch.testing.assert_close(y, x * 2, atol=0, rtol=0)
+    y.zero_()
+    compiles = parallel_compiles(torch.device("cuda"))
+    try:
+        with compiles.deferring():
+            kernel[(1,)](x, y, x.numel(), FACTOR=2, BLOCK=128)  # compiled: skipped all the same
+            torch.cuda.synchronize()
+            assert compiles.submitted == 0
+            assert torch.equal(y, torch.zeros_like(x)), "a dry launch must not run a compiled kernel"
+        compiles.wait()
+    finally:
+        compiles.close()
+
+
 def test_dry_steps_run_the_first_layer_of_each_kind_only():
     from infer.runtime.engine.startup_steps import _first_of_each_kind
     layers = [torch.nn.Linear(4, 4), torch.nn.Linear(4, 4), torch.nn.Linear(4, 8), torch.nn.Linear(4, 4)]
@@ -121,6 +163,8 @@ def test_profile_forward_has_the_whole_stack_s_activation_peak():
     from infer.runtime.engine.startup_steps import profile_forward
 
     model, metadata, ids, positions = _tiny_llama("cuda")
+    with torch.inference_mode(), forward_context(metadata):
+        model(ids, positions)  # first calls allocate for good (cuBLAS's workspace): not activations
     peaks = []
     for forward in (model, lambda i, p: profile_forward(model, i, p)):
         torch.cuda.synchronize()
