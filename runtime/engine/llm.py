@@ -1,11 +1,13 @@
 """The offline entry point: ``LLM(model).generate(prompts, SamplingParams(...))``."""
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import itertools
 import json
 import logging
-from collections.abc import Sequence as SequenceABC
+import sys
+from collections.abc import Iterator, Sequence as SequenceABC
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +29,7 @@ from .sequence import FINISH_ERROR, Sequence
 logger = logging.getLogger(__name__)
 
 Prompt = Union[str, SequenceABC[int]]
+SETUP_SWITCH_INTERVAL_S = 0.0005
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,6 +76,19 @@ def eos_token_ids(tokenizer: Any, hf_config: Any, path: Path) -> frozenset[int]:
 def _load_tokenizer(path: str) -> Any:
     from transformers import AutoTokenizer  # heavy import, deferred to first use
     return AutoTokenizer.from_pretrained(path)
+
+
+@contextlib.contextmanager
+def _short_gil_turns(seconds: float = SETUP_SWITCH_INTERVAL_S) -> Iterator[None]:
+    """A short GIL switch interval while setup threads import in Python: the weight reader's
+    threads take the GIL a few dozen times per 64 MiB chunk, and at the default 5 ms a busy
+    importer made each take wait (an 8B load slowed from 1.3 to 3.7 s)."""
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(min(interval, seconds))
+    try:
+        yield
+    finally:
+        sys.setswitchinterval(interval)
 
 
 def _prepare_runtime(config: EngineConfig) -> None:
@@ -139,7 +155,7 @@ class LLM:
         import transformers  # noqa: F401  (here, not first on the tokenizer thread: its module swaps
         # itself in sys.modules at the end of its import, and a concurrent importer can get the
         # module from before, without its names)
-        with ThreadPoolExecutor(max_workers=2, thread_name_prefix="llm-setup") as pool:
+        with _short_gil_turns(), ThreadPoolExecutor(max_workers=2, thread_name_prefix="llm-setup") as pool:
             tokenizer = pool.submit(_load_tokenizer, config.model)  # overlaps loading and compiling
             pool.submit(_prepare_runtime, config)
             self.model, self.hf_config = load_model(config.model, dtype=config.dtype, device=config.device)
