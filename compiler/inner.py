@@ -27,16 +27,9 @@ def inner_compile(gm: fx.GraphModule, example_inputs: Sequence, inner_compiler: 
 
 
 def prepare_inner_compiler(inner_compiler: str) -> None:
-    """Import what the first compile imports, and the inner compiler's one-time keys, for a thread
-    that runs while the weights load. The first ``torch.compile`` imports every Dynamo backend
-    (AOT Autograd with them), the first graph Inductor's decompositions and its debug module:
-    ~1.7 s of a cold 8B start's main thread on a slow host, with either inner compiler. A warm
-    Inductor start also spends ~2 s before its first cache hit hashing torch's and Triton's
-    sources for its cache keys."""
-    import torch._dynamo
-    import torch._inductor.debug  # noqa: F401  (imported by AOT Autograd's first call)
-    torch._dynamo.list_backends()
-    decomposition_table()
+    """Import the inner compiler and compute its one-time keys, for a thread that runs while the
+    weights load: a warm Inductor start otherwise spends ~2 s here before its first cache hit
+    (importing Inductor, hashing torch's and Triton's sources for its cache keys)."""
     if inner_compiler != "inductor":
         return
     from torch._inductor import codecache, compile_fx, lowering  # noqa: F401

@@ -1,13 +1,11 @@
 """The offline entry point: ``LLM(model).generate(prompts, SamplingParams(...))``."""
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import itertools
 import json
 import logging
-import sys
-from collections.abc import Iterator, Sequence as SequenceABC
+from collections.abc import Sequence as SequenceABC
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,7 +27,6 @@ from .sequence import FINISH_ERROR, Sequence
 logger = logging.getLogger(__name__)
 
 Prompt = Union[str, SequenceABC[int]]
-SETUP_SWITCH_INTERVAL_S = 0.0005
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,22 +75,11 @@ def _load_tokenizer(path: str) -> Any:
     return AutoTokenizer.from_pretrained(path)
 
 
-@contextlib.contextmanager
-def _short_gil_turns(seconds: float = SETUP_SWITCH_INTERVAL_S) -> Iterator[None]:
-    """A short GIL switch interval while setup threads import in Python: the weight reader's
-    threads take the GIL a few dozen times per 64 MiB chunk, and at the default 5 ms a busy
-    importer made each take wait (an 8B load slowed from 1.3 to 3.7 s)."""
-    interval = sys.getswitchinterval()
-    sys.setswitchinterval(min(interval, seconds))
-    try:
-        yield
-    finally:
-        sys.setswitchinterval(interval)
-
-
 def _prepare_runtime(config: EngineConfig) -> None:
-    """Head starts for a setup thread while the weights load: Triton's CUDA driver, then the
-    compiler's imports. Failures only cost the head start: the real use reports them."""
+    """Head starts for a setup thread while the weights load: Triton's CUDA driver (a C compile
+    when Triton's cache is cold, 0.4 s of a slow host's main thread at the first kernel launch
+    otherwise; a subprocess, so it does not hold the GIL), then the inner compiler's imports
+    (Inductor only). Failures only cost the head start: the real use reports them."""
     if torch.device(config.device).type == "cuda":
         from ..kernels.precompile import warm_triton_driver
         try:
@@ -155,7 +141,7 @@ class LLM:
         import transformers  # noqa: F401  (here, not first on the tokenizer thread: its module swaps
         # itself in sys.modules at the end of its import, and a concurrent importer can get the
         # module from before, without its names)
-        with _short_gil_turns(), ThreadPoolExecutor(max_workers=2, thread_name_prefix="llm-setup") as pool:
+        with ThreadPoolExecutor(max_workers=2, thread_name_prefix="llm-setup") as pool:
             tokenizer = pool.submit(_load_tokenizer, config.model)  # overlaps loading and compiling
             pool.submit(_prepare_runtime, config)
             self.model, self.hf_config = load_model(config.model, dtype=config.dtype, device=config.device)

@@ -294,14 +294,3 @@ def test_engine_config_is_frozen_and_resolves_max_model_len():
     hf = transformers.LlamaConfig(max_position_embeddings=8192)
     assert config.resolve(hf).max_model_len == 4096 and config.max_model_len is None
     assert dataclasses.replace(config, max_model_len=100).resolve(hf).max_model_len == 100
-
-
-def test_setup_takes_short_gil_turns_and_restores_the_interval():
-    import sys
-
-    from infer.runtime.engine.llm import SETUP_SWITCH_INTERVAL_S, _short_gil_turns
-
-    before = sys.getswitchinterval()
-    with _short_gil_turns():
-        assert sys.getswitchinterval() == pytest.approx(min(before, SETUP_SWITCH_INTERVAL_S))
-    assert sys.getswitchinterval() == before
