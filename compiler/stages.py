@@ -5,6 +5,10 @@ Dynamo traces each stage function once, with the module's weights as graph input
 inner compiler cost one layer instead of the whole stack. The residual stream crosses stage
 boundaries un-added, so every fusion a whole-model graph finds lies inside one stage.
 
+A stage named in ``plain`` runs as written, uncompiled (:class:`PlainStage`): with the eager inner
+compiler, a stage with nothing to fuse (:data:`UNFUSED_STAGES`) gains nothing from its graph but
+costs a Dynamo trace and an AOT pass at startup.
+
 Only for graphs without per-graph CUDA-graph capture (``cudagraph_mode="none"``): piecewise
 graphs are captured with the first module's weights and would not replay for the others. An
 engine capturing whole steps (full decode graphs) is the intended user.
@@ -18,7 +22,7 @@ import inspect
 import logging
 import os
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import torch
 from torch._dynamo.decorators import mark_unbacked
@@ -30,6 +34,10 @@ from .inner import call_boxed
 from .reload import compile_entry
 
 logger = logging.getLogger("infer")
+
+# Stages that hold no pattern a fusion pass rewrites: ``prepare`` is the embedding lookup and the
+# rotary tables (every pass finds 0 there; test_the_prepare_stage_has_nothing_to_fuse).
+UNFUSED_STAGES = ("prepare",)
 
 _STAGE: contextvars.ContextVar[str | None] = contextvars.ContextVar("infer_stage", default=None)
 
@@ -76,23 +84,57 @@ class CompiledStage:
         return f"CompiledStage({self.name}: {getattr(self.fn, '__qualname__', self.fn)!r})"
 
 
-def compile_stages(stages: Stages, options: Mapping[str, Any]) -> Stages:
-    """Each stage of ``stages`` compiled on its own with backend options ``options``."""
+class PlainStage:
+    """A stage run as written, ``fn(module, *args)``: uncompiled, and stored as such in the cache."""
+
+    def __init__(self, name: str, fn: Callable) -> None:
+        self.name = name
+        self.fn = fn
+
+    def __call__(self, module: torch.nn.Module, *args: Any) -> Any:
+        return self.fn(module, *args)
+
+    def __repr__(self) -> str:
+        return f"PlainStage({self.name}: {getattr(self.fn, '__qualname__', self.fn)!r})"
+
+
+def compile_stages(stages: Stages, options: Mapping[str, Any], plain: Sequence[str] = ()) -> Stages:
+    """Each stage of ``stages`` compiled on its own with backend options ``options``; the stages
+    named in ``plain`` stay uncompiled (:class:`PlainStage`)."""
     if options.get("cudagraph_mode", "none") != "none":
         raise InferUsageError(
             f"stage-by-stage compilation needs cudagraph_mode='none' (got {options['cudagraph_mode']!r}): "
             "CUDA graphs captured per piece hold the first module's weights; capture whole steps instead")
-    return Stages(*(CompiledStage(name, fn, options) for name, fn in zip(Stages._fields, stages)))
+    _check_stage_names(plain)
+    return Stages(*(PlainStage(name, fn) if name in plain else CompiledStage(name, fn, options)
+                    for name, fn in zip(Stages._fields, stages)))
 
 
-def store_stages(directory: str | os.PathLike, key: str, rec: cache.Recording, stages: Stages) -> Path | None:
+def plain_stage_names(compiled: Stages) -> tuple[str, ...]:
+    """The stages of ``compiled`` that run uncompiled."""
+    return tuple(name for name, stage in zip(Stages._fields, compiled) if isinstance(stage, PlainStage))
+
+
+def _check_stage_names(names: Sequence[str]) -> None:
+    unknown = sorted(set(names) - set(Stages._fields))
+    if unknown:
+        raise ValueError(f"unknown stages {unknown}; the stages are {list(Stages._fields)}")
+
+
+def store_stages(directory: str | os.PathLike, key: str, rec: cache.Recording, stages: Stages,
+                 plain: Sequence[str] = ()) -> Path | None:
     """Save the graphs `rec` holds, one per stage of `stages` (the plain functions that were
-    compiled), as one entry for `key`; None (logged) when they cannot be cached."""
+    compiled) except those named in `plain` (run uncompiled, saved as such), as one entry for
+    `key`; None (logged) when they cannot be cached."""
+    _check_stage_names(plain)
     problems = list(rec.problems)
     if cache.graph_breaks() != rec.graph_breaks:
         problems.append("Dynamo broke a graph")
     saved = {}
     for name, fn in zip(Stages._fields, stages):
+        if name in plain:
+            saved[name] = {"plain": True}
+            continue
         graphs = [g for g in rec.graphs if g["stage"] == name]
         if len(graphs) != 1 or name not in rec.stage_tuples:
             problems.append(f"stage {name!r}: {len(graphs)} graphs were compiled, not 1")
@@ -103,19 +145,23 @@ def store_stages(directory: str | os.PathLike, key: str, rec: cache.Recording, s
         if not rec.stage_tuples[name] and graphs[0]["outputs"] != 1:
             problems.append(f"stage {name!r} returned {graphs[0]['outputs']} tensors outside a tuple")
         saved[name] = dict(cache.saved_form(graphs[0]), args=args, tuple=rec.stage_tuples[name])
-    if len(rec.graphs) != len(saved):
-        problems.append(f"{len(rec.graphs)} graphs for {len(Stages._fields)} stages")
+    if len(rec.graphs) != len(saved) - len(plain):
+        problems.append(f"{len(rec.graphs)} graphs for {len(Stages._fields) - len(plain)} compiled stages")
     if problems:
         logger.warning("compile cache: not storing %s: %s", key[:12], "; ".join(problems))
         return None
     return cache.write_entry(directory, key, {"stages": saved})
 
 
-def direct_stages(rec: cache.Recording, stages: Stages) -> Stages | None:
+def direct_stages(rec: cache.Recording, stages: Stages, plain: Sequence[str] = ()) -> Stages | None:
     """The stages `rec` recorded (see :func:`store_stages`), called without Dynamo's guards from
-    now on; None unless every stage has exactly one graph with its callable."""
+    now on; None unless every stage not named in `plain` has exactly one graph with its callable."""
+    _check_stage_names(plain)
     direct = []
     for name, fn in zip(Stages._fields, stages):
+        if name in plain:
+            direct.append(PlainStage(name, fn))
+            continue
         graphs = [g for g in rec.graphs if g["stage"] == name]
         if len(graphs) != 1 or "runtime" not in graphs[0] or name not in rec.stage_tuples:
             return None
@@ -124,11 +170,21 @@ def direct_stages(rec: cache.Recording, stages: Stages) -> Stages | None:
     return Stages(*direct)
 
 
-def lookup_stages(directory: str | os.PathLike, key: str) -> Stages | None:
+def lookup_stages(directory: str | os.PathLike, key: str, stages: Stages | None = None) -> Stages | None:
     """The stages saved for `key`, each compiled once and bound to a module at its first call
-    with it; None if absent or unusable (warned)."""
+    with it; a stage saved as plain runs its function from `stages`. None if absent or unusable
+    (warned)."""
     def load(data: dict) -> Stages:
-        return Stages(*(CachedStage(name, data["stages"][name]) for name in Stages._fields))
+        loaded = []
+        for name in Stages._fields:
+            entry = data["stages"][name]
+            if entry.get("plain"):
+                if stages is None:
+                    raise ValueError(f"stage {name!r} was saved uncompiled; lookup_stages needs the stage functions")
+                loaded.append(PlainStage(name, getattr(stages, name)))
+            else:
+                loaded.append(CachedStage(name, entry))
+        return Stages(*loaded)
     return cache.load_entry(directory, key, load)
 
 

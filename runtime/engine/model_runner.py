@@ -8,7 +8,9 @@ import torch
 from torch import Tensor, nn
 from torch._dynamo.decorators import mark_unbacked
 
-from ...compiler.stages import compile_stages, direct_stages, lookup_stages, store_stages
+from ...compiler.config import CompilerConfig
+from ...compiler.stages import (UNFUSED_STAGES, compile_stages, direct_stages, lookup_stages, plain_stage_names,
+                                store_stages)
 from ..attention import AttentionMetadata, forward_context
 from ..attention.metadata import host_to_device
 from ..kernels.precompile import parallel_compiles
@@ -63,7 +65,10 @@ class ModelRunner(StartupSteps):
         self.staged = (config.compile and config.staged_compile and hasattr(model, "run_stages")
                        and options.get("cudagraph_mode", "none") == "none")
         if self.staged:
-            self._stages = compile_stages(model.stages, options)
+            # With the eager inner compiler a stage with nothing to fuse runs as written: its graph
+            # would only cost a Dynamo trace and an AOT pass at startup.
+            eager = CompilerConfig.from_options(options).inner_compiler == "eager"
+            self._stages = compile_stages(model.stages, options, plain=UNFUSED_STAGES if eager else ())
             self._forward = self._staged_forward
         elif config.compile:
             self._forward = torch.compile(model.forward, backend="infer", options=options)
@@ -204,15 +209,16 @@ class ModelRunner(StartupSteps):
 
     def _first_staged_forward(self, key: str, input_ids: Tensor, positions: Tensor) -> Tensor:
         from ...compiler import cache
-        loaded = None if self._cache_dir is None else lookup_stages(self._cache_dir, key)
+        loaded = None if self._cache_dir is None else lookup_stages(self._cache_dir, key, self.model.stages)
         if loaded is not None:
             self._stages = loaded
             return self._forward(input_ids, positions)
+        plain = plain_stage_names(self._stages)
         with cache.recording() as rec:
             out = self._forward(input_ids, positions)
         if self._cache_dir is not None:
-            store_stages(self._cache_dir, key, rec, self.model.stages)
-        self._stages = direct_stages(rec, self.model.stages) or self._stages  # no guards per call from now on
+            store_stages(self._cache_dir, key, rec, self.model.stages, plain)
+        self._stages = direct_stages(rec, self.model.stages, plain) or self._stages  # no guards per call from now on
         return out
 
     @torch.inference_mode()

@@ -11,8 +11,8 @@ from torch._dynamo.utils import counters
 import infer.compiler as ic
 from infer.compiler import cache
 from infer.compiler.report import REPORTS
-from infer.compiler.stages import (CachedStage, CompiledStage, DirectStage, compile_stages, direct_stages,
-                                   lookup_stages, store_stages)
+from infer.compiler.stages import (UNFUSED_STAGES, CachedStage, CompiledStage, DirectStage, PlainStage,
+                                   compile_stages, direct_stages, lookup_stages, plain_stage_names, store_stages)
 from infer.runtime.attention import forward_context
 sys.path.insert(0, str(Path(__file__).parent))
 from test_cache import EAGER, _caches, _model, _steps  # noqa: E402
@@ -165,3 +165,57 @@ def test_no_direct_stages_without_one_graph_per_stage():
     with cache.recording() as rec:
         _call(model, stages._replace(finish=model.stages.finish), _steps()[0])  # finish ran eager
     assert direct_stages(rec, model.stages) is None
+
+
+def test_the_prepare_stage_has_nothing_to_fuse():
+    model = _model(layers=LAYERS)
+    stages = compile_stages(model.stages, EAGER)
+    ids, pos, md = _steps()[0]
+    with forward_context(md), torch.inference_mode():
+        stages.prepare(model.model, ids.clone(), pos.clone())
+    report = ic.last_report()
+    assert report.fusions == {} and not any(report.passes.values())
+    assert UNFUSED_STAGES == ("prepare",)
+
+
+def test_plain_stages_run_uncompiled_and_round_trip_the_cache(tmp_path, caplog):
+    model = _model(layers=LAYERS)
+    reference = copy.deepcopy(model)
+    expected = _eager(reference)
+    frames = REPORTS.frames_compiled()
+    stages = compile_stages(model.stages, EAGER, plain=UNFUSED_STAGES)
+    assert isinstance(stages.prepare, PlainStage) and plain_stage_names(stages) == ("prepare",)
+    key = cache.cache_key(model, EAGER, extra="staged plain")
+    first, *rest = _steps()
+    with cache.recording() as rec:
+        cold = [_call(model, stages, first)]
+    cold += [_call(model, stages, step) for step in rest]
+    assert REPORTS.frames_compiled() - frames == 2  # the layer graph and finish; prepare ran as written
+    for a, e in zip(cold, expected):
+        torch.testing.assert_close(a, e, atol=1e-5, rtol=1e-5)
+
+    direct = direct_stages(rec, model.stages, plain=UNFUSED_STAGES)
+    assert isinstance(direct.prepare, PlainStage) and isinstance(direct.layer, DirectStage)
+    assert direct_stages(rec, model.stages) is None  # without it, prepare has no graph
+    path = store_stages(tmp_path, key, rec, model.stages, plain=UNFUSED_STAGES)
+    assert path is not None and path.is_file()
+
+    torch._dynamo.reset()
+    warm_model = _model(layers=LAYERS)
+    frames = REPORTS.frames_compiled()
+    loaded = lookup_stages(tmp_path, key, warm_model.stages)
+    assert isinstance(loaded.prepare, PlainStage)
+    assert isinstance(loaded.layer, CachedStage) and isinstance(loaded.finish, CachedStage)
+    warm = [_call(warm_model, loaded, step) for step in _steps()]
+    assert REPORTS.frames_compiled() == frames  # Dynamo never ran
+    for a, b in zip(warm, cold):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    with caplog.at_level("WARNING", logger="infer"):
+        assert lookup_stages(tmp_path, key) is None  # a plain stage needs its function
+    assert any("needs the stage functions" in r.getMessage() for r in caplog.records)
+
+
+def test_unknown_plain_stage_names_are_refused():
+    model = _model()
+    with pytest.raises(ValueError, match=r"unknown stages \['embed'\].*'prepare', 'layer', 'finish'"):
+        compile_stages(model.stages, EAGER, plain=("embed",))
