@@ -75,10 +75,11 @@ def _transform_and_compile(gm: fx.GraphModule, example_inputs: Sequence, static:
     index = {n.name: i for i, n in enumerate(placeholders[:len(example_inputs)])}
     sources = [tuple(index[name] for name in recipe[1]) if recipe and recipe[0] == "pack" else None
                for recipe in context.extra_recipes]
-    if not saved:
+    if not saved or config.inner_compiler != "inductor":
         return compile_transformed(gm, inputs, is_static, context.extra_inputs, config, report, sources)
-    # Compile what a warm load will compile, so that the inner compiler's own caches (Inductor's
-    # FX graph cache) hold it: a later process then skips lowering and code generation.
+    # Compile what a warm load will compile, so that Inductor's FX graph cache holds it: a later
+    # process then skips lowering and code generation. (The eager inner compiler has no cache to
+    # fill; the round trip would only cost it time.)
     gm, inputs = same_as_reloaded(saved["graph"], config)
     with fresh_tracing(inputs):
         return compile_transformed(gm, inputs, is_static, context.extra_inputs, config, report, sources)

@@ -104,6 +104,22 @@ def test_warm_load_equals_cold_compile_without_dynamo(tmp_path, dtype, options):
         assert q.untyped_storage().data_ptr() == k.untyped_storage().data_ptr()
 
 
+@pytest.mark.parametrize("inner, round_trips", [("eager", 0), ("inductor", 1)])
+def test_only_inductor_compiles_the_reloaded_copy_of_a_cached_graph(tmp_path, monkeypatch, inner, round_trips):
+    """A graph being cached is compiled from its saved-and-reloaded copy only for Inductor, whose
+    FX graph cache a warm load then hits; the eager inner compiler has no such cache."""
+    from infer.compiler import pipeline
+    calls = []
+    real = pipeline.same_as_reloaded
+    monkeypatch.setattr(pipeline, "same_as_reloaded", lambda *a: calls.append(a) or real(*a))
+    model = _model(layers=1)
+    reference = _run(_model(layers=1))
+    cold, _, path = _cold(tmp_path, model, dict(EAGER, inner_compiler=inner))
+    assert path is not None and len(calls) == round_trips
+    for a, b in zip(cold, reference):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
 def test_warm_load_sees_weight_updates_and_checks_arguments(tmp_path):
     model = _model()
     _, key, _ = _cold(tmp_path, model)
