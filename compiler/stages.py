@@ -145,8 +145,9 @@ def store_stages(directory: str | os.PathLike, key: str, rec: cache.Recording, s
         if not rec.stage_tuples[name] and graphs[0]["outputs"] != 1:
             problems.append(f"stage {name!r} returned {graphs[0]['outputs']} tensors outside a tuple")
         saved[name] = dict(cache.saved_form(graphs[0]), args=args, tuple=rec.stage_tuples[name])
-    if len(rec.graphs) != len(saved) - len(plain):
-        problems.append(f"{len(rec.graphs)} graphs for {len(Stages._fields) - len(plain)} compiled stages")
+    compiled = [name for name in Stages._fields if name not in plain]
+    if len(rec.graphs) != len(compiled):
+        problems.append(f"{len(rec.graphs)} graphs for {len(compiled)} compiled stages")
     if problems:
         logger.warning("compile cache: not storing %s: %s", key[:12], "; ".join(problems))
         return None
