@@ -49,6 +49,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="startup: children reuse Python bytecode primed once (default), or the environment's")
     common.add_argument("--repeat", type=int, default=1,
                         help="startup: cold + warm pairs per mode, each on fresh compile caches (default 1)")
+    common.add_argument("--baseline", metavar="DIR",
+                        help="startup: also measure the infer tree in DIR (e.g. `git worktree add DIR REV`), "
+                             "alternating with this one on the same machine")
     common.add_argument("--append", action="store_true",
                         help="keep the rows already in OUT/SCENARIO.json (same device); re-measured rows replace them")
     parser = argparse.ArgumentParser(prog="python -m infer.benchmarks", description=__doc__.split("\n\n")[0])
@@ -65,6 +68,11 @@ def settings_for(args: argparse.Namespace, scenario: str) -> Settings:
         raise SystemExit(f"--device {device} but CUDA is not available; use --device cpu (with --tiny)")
     if args.repeat < 1:
         raise SystemExit(f"--repeat must be at least 1, got {args.repeat}")
+    if args.baseline is not None:
+        try:
+            startup.check_baseline(args.baseline)
+        except ValueError as err:
+            raise SystemExit(str(err)) from None
     size = "tiny" if args.tiny else "quick" if args.quick else "full"
     shapes = ("tiny",) if args.tiny else tuple(args.shape or DEFAULT_SHAPES[scenario])
     if scenario == "startup" and args.quick and not args.shape and not args.tiny:
@@ -74,7 +82,7 @@ def settings_for(args: argparse.Namespace, scenario: str) -> Settings:
                     contexts=tuple(args.context or contexts), steps=args.steps or STEPS[size], quick=args.quick,
                     tiny=args.tiny, modes=tuple(args.modes or ()), hf=not args.no_hf, tmp_dir=args.tmp,
                     append=args.append, python_bytecode=args.python_bytecode,
-                    repeat=args.repeat)
+                    repeat=args.repeat, baseline=args.baseline)
 
 
 KERNEL_COLUMNS = [Column("kernel", "kernel"), Column("case", "case"), Column("time_us", "us", ".2f"),

@@ -54,6 +54,7 @@ class Settings:
     append: bool = False  # keep the rows of an earlier run in out_dir (same device), replacing re-measured ones
     python_bytecode: str = "cached"  # startup children: "cached" (primed once) or "as-is" (the environment's)
     repeat: int = 1  # startup: cold + warm pairs per mode, each on fresh compile caches
+    baseline: str | None = None  # startup: another infer tree (a checkout) measured alongside this one
 
     @property
     def cuda(self) -> bool:

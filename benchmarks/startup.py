@@ -14,6 +14,10 @@ child times ``LLM(...)`` and a first ``generate`` of one token, and splits the t
 - capture: ``LLM.capture_seconds`` less the compile time (the first graph compiles inside the
   first capture warm-up), n/a where the engine does not expose it;
 - other: the rest (tokenizer, KV sizing and profile run execution, first prefill, ...).
+
+``--baseline DIR`` measures another checkout of this repository alongside, on the same machine
+(rows with code "baseline", each run alternating with this tree's): its children find its
+``infer`` first on ``PYTHONPATH``. For A/B of startup changes, e.g. ``git worktree add /tmp/base REV``.
 """
 from __future__ import annotations
 
@@ -121,6 +125,7 @@ def child_main(argv: list[str]) -> int:
                   dynamo_s=max(frames_s - totals["compiled_s"], 0.0), aot_s=totals["aot_s"],
                   passes_s=totals["passes_s"], inner_s=totals["inner_s"],
                   capture_s=None if capture_s is None else max(capture_s - compile_s, 0.0),
+                  infer_tree=str(Path(__file__).resolve().parents[1]),  # which checkout ran
                   triton_compiles_init=len(compiles.between(start, init_end)),
                   triton_compiled_in_generate=compiles.between(init_end, start + ttft_s))
     known = [result["load_s"], result["compile_total_s"], result["capture_s"]]
@@ -138,13 +143,37 @@ def _dynamo_frames_s() -> float | None:
     return float(sum(frames)) if frames else None
 
 
+def check_baseline(tree: str | Path) -> Path:
+    """``tree`` resolved, if it is an infer tree (a checkout of this repository); else ValueError."""
+    tree = Path(tree).resolve()
+    if not (tree / "__init__.py").is_file() or not (tree / "benchmarks" / "startup.py").is_file():
+        raise ValueError(f"--baseline {str(tree)!r} is not an infer tree (expected __init__.py and "
+                         f"benchmarks/startup.py at its top, as in a checkout of this repository)")
+    return tree
+
+
+def baseline_path(tree: str | Path, root: Path) -> Path:
+    """A folder under ``root`` whose ``infer`` is the infer tree ``tree`` (a checkout of another
+    revision): put first on a child's ``PYTHONPATH``, it shadows the installed ``infer``."""
+    tree = check_baseline(tree)
+    folder = root / "baseline-path"
+    folder.mkdir(parents=True, exist_ok=True)
+    link = folder / "infer"
+    if not link.exists():
+        link.symlink_to(tree, target_is_directory=True)
+    return folder
+
+
 def spawn(model: Path, llm_kwargs: dict, cache_root: Path, settings: Settings, log: Path | None,
-          pycache: Path | None = None) -> dict[str, Any]:
+          pycache: Path | None = None, pythonpath: Path | None = None) -> dict[str, Any]:
     """Run one child with its compile caches under ``cache_root``; returns its result dict.
-    ``pycache``: the child reads and writes Python bytecode there (see :func:`prime_bytecode`)."""
+    ``pycache``: the child reads and writes Python bytecode there (see :func:`prime_bytecode`).
+    ``pythonpath``: put first on the child's path (a :func:`baseline_path`)."""
     env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=str(cache_root / "inductor"),
                TRITON_CACHE_DIR=str(cache_root / "triton"), INFER_COMPILE_CACHE_DIR=str(cache_root / "infer"),
                PYTHONUNBUFFERED="1")
+    if pythonpath is not None:
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(pythonpath), env.get("PYTHONPATH")) if p)
     if pycache is not None:
         env.pop("PYTHONDONTWRITEBYTECODE", None)
         env["PYTHONPYCACHEPREFIX"] = str(pycache)
@@ -166,7 +195,8 @@ def spawn(model: Path, llm_kwargs: dict, cache_root: Path, settings: Settings, l
     return json.loads(lines[-1][len(MARKER):])
 
 
-COLUMNS = [Column("shape", "shape"), Column("mode", "mode"), Column("run", "run"), Column("phase", "cache"),
+COLUMNS = [Column("shape", "shape"), Column("mode", "mode"), Column("code", "code"), Column("run", "run"),
+           Column("phase", "cache"),
            Column("ttft_s", "LLM() to 1st token s", ".1f"), Column("load_s", "load s", ".1f"),
            Column("dynamo_s", "dynamo s", ".1f"), Column("aot_s", "aot s", ".1f"),
            Column("passes_s", "passes s", ".2f"), Column("inner_s", "inner s", ".1f"),
@@ -176,26 +206,29 @@ COLUMNS = [Column("shape", "shape"), Column("mode", "mode"), Column("run", "run"
            Column("triton_compiles_init", "Triton compiles")]
 
 
-def prime_bytecode(root: Path, settings: Settings, llm_modes: tuple[str, ...]) -> Path:
+def prime_bytecode(root: Path, settings: Settings, llm_modes: tuple[str, ...],
+                   pythonpaths: tuple[Path | None, ...] = (None,)) -> Path:
     """Fill a Python bytecode folder by running the engine once on the tiny shape; returns it.
 
     A pip-installed torch ships its bytecode; an environment without it (and with
     ``PYTHONDONTWRITEBYTECODE=1``, as on our GPU machines) compiles every module of torch,
     Dynamo, Inductor and transformers from source in every process, seconds that no user pays.
     The measured children reuse this folder (``PYTHONPYCACHEPREFIX``); their compile caches stay
-    cold. ``--python-bytecode as-is`` measures the environment unchanged."""
+    cold. ``--python-bytecode as-is`` measures the environment unchanged. One priming child per
+    entry of ``pythonpaths`` (this tree, and a baseline's)."""
     pycache = root / "pycache"
     model = save_checkpoint(qwen3_config("tiny"), root / "tiny-checkpoint", settings.device)
     mode = next((m for m in llm_modes if uses_inductor(m)), llm_modes[0])
     start = time.perf_counter()
-    spawn(model, LLM_MODES[mode], root / "cache-prime", settings, None, pycache)
+    for i, path in enumerate(pythonpaths):
+        spawn(model, LLM_MODES[mode], root / f"cache-prime-{i}", settings, None, pycache, path)
     logger.info("startup: Python bytecode primed in %.1f s (%s mode, tiny shape)", time.perf_counter() - start, mode)
     return pycache
 
 
 def run(settings: Settings, llm_modes: tuple[str, ...] = DEFAULT_MODES) -> Table:
     table = open_table(settings, "startup", "Startup: LLM(...) to first token, cold vs warm compile caches",
-                       COLUMNS, ("shape", "mode", "run", "phase"))
+                       COLUMNS, ("shape", "mode", "code", "run", "phase"))
     shape = settings.shapes[0]
     cfg = qwen3_config(shape)
     table.note("compile total: all Dynamo frames + compile-cache loads, split into dynamo/aot/passes/inner summed "
@@ -207,22 +240,31 @@ def run(settings: Settings, llm_modes: tuple[str, ...] = DEFAULT_MODES) -> Table
         table.note(f"Python bytecode: {settings.python_bytecode} (cached: primed once by a tiny-shape run, as a "
                    f"pip install ships it; as-is: the environment's own)")
     with tempfile.TemporaryDirectory(prefix="infer-bench-startup-", dir=settings.tmp_dir) as root:
+        codes: dict[str, Path | None] = {"this": None}
+        if settings.baseline:
+            codes["baseline"] = baseline_path(settings.baseline, Path(root))
+            table.note(f"code: this = the installed infer; baseline = {Path(settings.baseline).resolve()}, "
+                       f"alternating with it in each run")
         model = save_checkpoint(cfg, Path(root) / "checkpoint", settings.device)
         release_memory()
         primed = settings.cuda and settings.python_bytecode == "cached"  # CPU runs are tests: no extra child
-        pycache = prime_bytecode(Path(root), settings, llm_modes) if primed else None
+        pycache = prime_bytecode(Path(root), settings, llm_modes, tuple(codes.values())) if primed else None
         for run_index in range(1, settings.repeat + 1):
             for mode in llm_modes:
-                caches = Path(root) / f"cache-{mode}-{run_index}"  # cold: the first process on it
-                for phase in PHASES:
-                    base = dict(shape=shape, mode=mode, run=run_index, phase=phase)
-                    if not settings.cuda and uses_inductor(mode):
-                        skipped(table, base, "Inductor modes need CUDA here (CPU run: slow C++ compile)")
-                        continue
-                    name = f"{mode}-{phase}" + (f"-{run_index}" if settings.repeat > 1 else "")
-                    log = settings.out_dir / "startup_logs" / f"{name}.log" if settings.out_dir else None
-                    logger.info("startup %s %s %s (run %d): spawning a fresh process", shape, mode, phase, run_index)
-                    measure(table, base, lambda: spawn(model, LLM_MODES[mode], caches, settings, log, pycache))
+                for code, path in codes.items():
+                    caches = Path(root) / f"cache-{mode}-{code}-{run_index}"  # cold: the first process on it
+                    for phase in PHASES:
+                        base = dict(shape=shape, mode=mode, code=code, run=run_index, phase=phase)
+                        if not settings.cuda and uses_inductor(mode):
+                            skipped(table, base, "Inductor modes need CUDA here (CPU run: slow C++ compile)")
+                            continue
+                        name = "-".join([mode, *([code] if settings.baseline else []), phase,
+                                         *([str(run_index)] if settings.repeat > 1 else [])])
+                        log = settings.out_dir / "startup_logs" / f"{name}.log" if settings.out_dir else None
+                        logger.info("startup %s %s %s %s (run %d): spawning a fresh process", shape, mode, code,
+                                    phase, run_index)
+                        measure(table, base,
+                                lambda: spawn(model, LLM_MODES[mode], caches, settings, log, pycache, path))
     return table
 
 
@@ -230,7 +272,8 @@ def plot(fig, table: Table) -> None:
     ax = fig.subplots()
     rows = ok_rows(table)
     parts = ["load_s", "dynamo_s", "aot_s", "passes_s", "inner_s", "capture_s", "other_s"]
-    labels = [f"{r['mode']}\n{r['phase']}" for r in rows]
+    labels = [f"{r['mode']}\n{r['phase']}" + ("" if r.get("code", "this") == "this" else f"\n{r['code']}")
+              for r in rows]
     bottom = [0.0] * len(rows)
     for part in parts:
         values = [max(r.get(part) or 0.0, 0.0) for r in rows]

@@ -66,6 +66,27 @@ def test_all_tiny_writes_every_scenario(tmp_path, capsys):
     assert all(r["status"].startswith("skipped") for r in payloads["kernels"]["rows"])
 
 
+def test_startup_measures_a_baseline_tree_alongside(tmp_path):
+    import shutil
+    from pathlib import Path
+
+    import infer
+    here = Path(infer.__file__).resolve().parent
+    base = tmp_path / "base"
+    shutil.copytree(here, base, ignore=shutil.ignore_patterns(".git", "scratch", "results", "__pycache__", "*.egg-info"))
+    out = tmp_path / "out"
+    assert main(["startup", "--tiny", "--device", "cpu", "--llm-modes", "eager", "--baseline", str(base),
+                 "--out", str(out), "--tmp", str(tmp_path)]) == 0
+    payload = json.loads((out / "startup.json").read_text())
+    for code, tree in (("this", here), ("baseline", base)):
+        for phase in ("cold", "warm"):
+            (row,) = _rows(payload, mode="eager", code=code, phase=phase)
+            assert row["status"] == "ok" and row["ttft_s"] > 0, row
+            assert row["infer_tree"] == str(tree)  # the child imported that checkout
+    with pytest.raises(SystemExit, match="is not an infer tree"):
+        main(["startup", "--tiny", "--device", "cpu", "--baseline", str(tmp_path), "--out", str(out)])
+
+
 @pytest.mark.parametrize("shape", ["tiny", "0.6b", "8b"])
 def test_floor_bytes_match_the_model(shape):
     cfg = qwen3_config(shape)
