@@ -110,31 +110,35 @@ def compile_stages(stages: Stages, options: Mapping[str, Any], plain: Sequence[s
                     for name, fn in zip(Stages._fields, stages)))
 
 
-def plain_stage_names(compiled: Stages) -> tuple[str, ...]:
-    """The stages of ``compiled`` that run uncompiled."""
-    return tuple(name for name, stage in zip(Stages._fields, compiled) if isinstance(stage, PlainStage))
-
-
 def _check_stage_names(names: Sequence[str]) -> None:
     unknown = sorted(set(names) - set(Stages._fields))
     if unknown:
         raise ValueError(f"unknown stages {unknown}; the stages are {list(Stages._fields)}")
 
 
-def store_stages(directory: str | os.PathLike, key: str, rec: cache.Recording, stages: Stages,
-                 plain: Sequence[str] = ()) -> Path | None:
-    """Save the graphs `rec` holds, one per stage of `stages` (the plain functions that were
-    compiled) except those named in `plain` (run uncompiled, saved as such), as one entry for
-    `key`; None (logged) when they cannot be cached."""
-    _check_stage_names(plain)
+def _stage_functions(compiled: Stages) -> Iterator[tuple[str, Callable, bool]]:
+    """``(name, plain function, runs uncompiled)`` per stage of what :func:`compile_stages` made."""
+    for name, stage in zip(Stages._fields, compiled):
+        if not isinstance(stage, (CompiledStage, PlainStage)):
+            raise TypeError(f"stage {name!r}: expected a CompiledStage or PlainStage (from compile_stages), "
+                            f"got {type(stage).__name__}")
+        yield name, stage.fn, isinstance(stage, PlainStage)
+
+
+def store_stages(directory: str | os.PathLike, key: str, rec: cache.Recording, compiled: Stages) -> Path | None:
+    """Save the graphs `rec` holds, one per compiled stage of `compiled` (from :func:`compile_stages`;
+    a :class:`PlainStage` is saved as such), as one entry for `key`; None (logged) when they cannot
+    be cached."""
     problems = list(rec.problems)
     if cache.graph_breaks() != rec.graph_breaks:
         problems.append("Dynamo broke a graph")
     saved = {}
-    for name, fn in zip(Stages._fields, stages):
-        if name in plain:
+    num_compiled = 0
+    for name, fn, plain in _stage_functions(compiled):
+        if plain:
             saved[name] = {"plain": True}
             continue
+        num_compiled += 1
         graphs = [g for g in rec.graphs if g["stage"] == name]
         if len(graphs) != 1 or name not in rec.stage_tuples:
             problems.append(f"stage {name!r}: {len(graphs)} graphs were compiled, not 1")
@@ -145,22 +149,21 @@ def store_stages(directory: str | os.PathLike, key: str, rec: cache.Recording, s
         if not rec.stage_tuples[name] and graphs[0]["outputs"] != 1:
             problems.append(f"stage {name!r} returned {graphs[0]['outputs']} tensors outside a tuple")
         saved[name] = dict(cache.saved_form(graphs[0]), args=args, tuple=rec.stage_tuples[name])
-    compiled = [name for name in Stages._fields if name not in plain]
-    if len(rec.graphs) != len(compiled):
-        problems.append(f"{len(rec.graphs)} graphs for {len(compiled)} compiled stages")
+    if len(rec.graphs) != num_compiled:
+        problems.append(f"{len(rec.graphs)} graphs for {num_compiled} compiled stages")
     if problems:
         logger.warning("compile cache: not storing %s: %s", key[:12], "; ".join(problems))
         return None
     return cache.write_entry(directory, key, {"stages": saved})
 
 
-def direct_stages(rec: cache.Recording, stages: Stages, plain: Sequence[str] = ()) -> Stages | None:
-    """The stages `rec` recorded (see :func:`store_stages`), called without Dynamo's guards from
-    now on; None unless every stage not named in `plain` has exactly one graph with its callable."""
-    _check_stage_names(plain)
+def direct_stages(rec: cache.Recording, compiled: Stages) -> Stages | None:
+    """The stages of `compiled` that `rec` recorded (see :func:`store_stages`), called without
+    Dynamo's guards from now on (a :class:`PlainStage` stays as it is); None unless every compiled
+    stage has exactly one graph with its callable."""
     direct = []
-    for name, fn in zip(Stages._fields, stages):
-        if name in plain:
+    for name, fn, plain in _stage_functions(compiled):
+        if plain:
             direct.append(PlainStage(name, fn))
             continue
         graphs = [g for g in rec.graphs if g["stage"] == name]

@@ -88,8 +88,9 @@ def _prepare_runtime(config: EngineConfig) -> None:
             logger.debug("creating Triton's driver failed: %r", err)
     if not config.compile:
         return
+    from ...compiler.config import CompilerConfig
     from ...compiler.inner import prepare_inner_compiler
-    inner_compiler = config.compile_options_dict.get("inner_compiler", "inductor")
+    inner_compiler = CompilerConfig.from_options(config.compile_options_dict).inner_compiler
     try:
         prepare_inner_compiler(inner_compiler)
     except Exception as err:

@@ -9,8 +9,7 @@ from torch import Tensor, nn
 from torch._dynamo.decorators import mark_unbacked
 
 from ...compiler.config import CompilerConfig
-from ...compiler.stages import (UNFUSED_STAGES, compile_stages, direct_stages, lookup_stages, plain_stage_names,
-                                store_stages)
+from ...compiler.stages import UNFUSED_STAGES, compile_stages, direct_stages, lookup_stages, store_stages
 from ..attention import AttentionMetadata, forward_context
 from ..attention.metadata import host_to_device
 from ..kernels.precompile import parallel_compiles
@@ -213,12 +212,11 @@ class ModelRunner(StartupSteps):
         if loaded is not None:
             self._stages = loaded
             return self._forward(input_ids, positions)
-        plain = plain_stage_names(self._stages)
         with cache.recording() as rec:
             out = self._forward(input_ids, positions)
         if self._cache_dir is not None:
-            store_stages(self._cache_dir, key, rec, self.model.stages, plain)
-        self._stages = direct_stages(rec, self.model.stages, plain) or self._stages  # no guards per call from now on
+            store_stages(self._cache_dir, key, rec, self._stages)
+        self._stages = direct_stages(rec, self._stages) or self._stages  # no guards per call from now on
         return out
 
     @torch.inference_mode()

@@ -12,7 +12,7 @@ import infer.compiler as ic
 from infer.compiler import cache
 from infer.compiler.report import REPORTS
 from infer.compiler.stages import (UNFUSED_STAGES, CachedStage, CompiledStage, DirectStage, PlainStage,
-                                   compile_stages, direct_stages, lookup_stages, plain_stage_names, store_stages)
+                                   compile_stages, direct_stages, lookup_stages, store_stages)
 from infer.runtime.attention import forward_context
 sys.path.insert(0, str(Path(__file__).parent))
 from test_cache import EAGER, _caches, _model, _steps  # noqa: E402
@@ -81,7 +81,7 @@ def _cold(tmp_path, model, options=EAGER):
     first, *rest = _steps()
     with cache.recording() as rec:
         outs = [_call(model, stages, first)]
-    path = store_stages(tmp_path, key, rec, model.stages)
+    path = store_stages(tmp_path, key, rec, stages)
     return outs + [_call(model, stages, step) for step in rest], key, path
 
 
@@ -135,7 +135,7 @@ def test_a_stage_that_breaks_its_graph_is_not_stored(tmp_path, caplog):
     with cache.recording() as rec:
         _call(model, compiled, _steps()[0])
     with caplog.at_level("WARNING", logger="infer"):
-        assert store_stages(tmp_path, "0" * 64, rec, stages._replace(finish=finish)) is None
+        assert store_stages(tmp_path, "0" * 64, rec, compiled) is None
     assert any("not storing" in r.getMessage() for r in caplog.records)
     assert not list(tmp_path.iterdir())
 
@@ -146,7 +146,7 @@ def test_direct_stages_skip_guards_and_equal_the_dynamo_path():
     first, *rest = _steps()
     with cache.recording() as rec:
         _call(model, stages, first)
-    direct = direct_stages(rec, model.stages)
+    direct = direct_stages(rec, stages)
     assert all(isinstance(s, DirectStage) for s in direct)
     frames = REPORTS.frames_compiled()
     for step in rest:
@@ -164,7 +164,7 @@ def test_no_direct_stages_without_one_graph_per_stage():
     stages = compile_stages(model.stages, EAGER)
     with cache.recording() as rec:
         _call(model, stages._replace(finish=model.stages.finish), _steps()[0])  # finish ran eager
-    assert direct_stages(rec, model.stages) is None
+    assert direct_stages(rec, stages) is None
 
 
 def test_the_prepare_stage_has_nothing_to_fuse():
@@ -184,7 +184,7 @@ def test_plain_stages_run_uncompiled_and_round_trip_the_cache(tmp_path, caplog):
     expected = _eager(reference)
     frames = REPORTS.frames_compiled()
     stages = compile_stages(model.stages, EAGER, plain=UNFUSED_STAGES)
-    assert isinstance(stages.prepare, PlainStage) and plain_stage_names(stages) == ("prepare",)
+    assert isinstance(stages.prepare, PlainStage) and isinstance(stages.layer, CompiledStage)
     key = cache.cache_key(model, EAGER, extra="staged plain")
     first, *rest = _steps()
     with cache.recording() as rec:
@@ -194,10 +194,10 @@ def test_plain_stages_run_uncompiled_and_round_trip_the_cache(tmp_path, caplog):
     for a, e in zip(cold, expected):
         torch.testing.assert_close(a, e, atol=1e-5, rtol=1e-5)
 
-    direct = direct_stages(rec, model.stages, plain=UNFUSED_STAGES)
+    direct = direct_stages(rec, stages)
     assert isinstance(direct.prepare, PlainStage) and isinstance(direct.layer, DirectStage)
-    assert direct_stages(rec, model.stages) is None  # without it, prepare has no graph
-    path = store_stages(tmp_path, key, rec, model.stages, plain=UNFUSED_STAGES)
+    assert direct_stages(rec, compile_stages(model.stages, EAGER)) is None  # a compiled prepare: no graph
+    path = store_stages(tmp_path, key, rec, stages)
     assert path is not None and path.is_file()
 
     torch._dynamo.reset()
@@ -215,7 +215,9 @@ def test_plain_stages_run_uncompiled_and_round_trip_the_cache(tmp_path, caplog):
     assert any("needs the stage functions" in r.getMessage() for r in caplog.records)
 
 
-def test_unknown_plain_stage_names_are_refused():
+def test_unknown_stage_names_and_uncompiled_stage_lists_are_refused():
     model = _model()
     with pytest.raises(ValueError, match=r"unknown stages \['embed'\].*'prepare', 'layer', 'finish'"):
         compile_stages(model.stages, EAGER, plain=("embed",))
+    with pytest.raises(TypeError, match="stage 'prepare': expected a CompiledStage or PlainStage"):
+        store_stages("unused", "0" * 64, cache.Recording(), model.stages)  # plain functions, not compile_stages' output
