@@ -90,11 +90,10 @@ def _prepare_runtime(config: EngineConfig) -> None:
         return
     from ...compiler.config import CompilerConfig
     from ...compiler.inner import prepare_inner_compiler
-    inner_compiler = CompilerConfig.from_options(config.compile_options_dict).inner_compiler
     try:
-        prepare_inner_compiler(inner_compiler)
-    except Exception as err:
-        logger.debug("preparing the %s inner compiler failed: %r", inner_compiler, err)
+        prepare_inner_compiler(CompilerConfig.from_options(config.compile_options_dict).inner_compiler)
+    except Exception as err:  # a bad option included: the runner reports it
+        logger.debug("preparing the inner compiler failed: %r", err)
 
 
 class LLM:
