@@ -26,9 +26,9 @@ SHAPES = {  # name -> (N, K) of the projection weight
     "8b qkv": (6144, 4096), "8b o": (4096, 4096), "8b gate_up": (24576, 4096), "8b down": (4096, 12288),
     "8b lm_head": (151936, 4096),
 }
-SWEEP = [GemvConfig(bn, bk, w) for bn, bk, w in itertools.product((1, 2, 4, 8, 16), (256, 512, 1024, 2048, 4096),
-                                                                  (1, 2, 4))
-         if 2048 <= bn * bk <= 8192]
+SWEEP = [GemvConfig(bn, bk, w, ev) for bn, bk, w, ev in itertools.product((1, 2, 4, 8), (512, 1024, 2048, 4096),
+                                                                          (1, 2, 4, 8), ("", "evict_first"))
+         if 2048 <= bn * bk <= 16384]
 
 
 def _graph_ms(fn, copies: int) -> float:
@@ -46,6 +46,10 @@ def _graph_ms(fn, copies: int) -> float:
         s.record(); graph.replay(); e.record(); e.synchronize()
         times.append(s.elapsed_time(e) / copies)
     return sorted(times)[len(times) // 2]
+
+
+def _label(cfg: GemvConfig) -> str:
+    return f"{cfg.block_n}x{cfg.block_k}/{cfg.num_warps}w" + ("/evict_first" if cfg.w_evict else "")
 
 
 def _prologue_inputs(prologue: str, m: int, k: int) -> tuple[dict, object]:
@@ -76,11 +80,11 @@ def run_case(name: str, n: int, k: int, m: int, sweep: bool, prologue: str = "no
     row["cublas_us"] = 1e3 * _graph_ms(lambda i: F.linear(unfused(), weights[i]), copies)
     cfg = choose_config(m, n, k, x.device, prologue)
     row["gemv_us"] = 1e3 * _graph_ms(lambda i: gemv(x, weights[i], config=cfg, **kwargs), copies)
-    row["config"] = f"{cfg.block_n}x{cfg.block_k}/{cfg.num_warps}w"
+    row["config"] = _label(cfg)
     if sweep:
         best = min(((1e3 * _graph_ms(lambda i: gemv(x, weights[i], config=c, **kwargs), copies), c) for c in SWEEP),
                    key=lambda t: t[0])
-        row["best_us"], row["best_config"] = best[0], f"{best[1].block_n}x{best[1].block_k}/{best[1].num_warps}w"
+        row["best_us"], row["best_config"] = best[0], _label(best[1])
     for key in ("cublas", "gemv", "best"):
         if f"{key}_us" in row:
             row[f"{key}_gbps"] = nbytes / (row[f"{key}_us"] * 1e-6) / 1e9

@@ -34,6 +34,7 @@ NONE, RMS, ADD_RMS, SILU_MUL = 0, 1, 2, 3
 # faster with it (H200, session 3: 551 -> 395 us at M=1). 8B-sized weights (17-50M) were launched
 # without it from session 3 on, when a GEMV chain measured 7% slower; in the whole 8B step of
 # session 8 (H200, full decode graph, batch 1) PDL on them is faster: 4.44-4.55 -> 4.39 ms.
+LARGE_WEIGHT = 16 << 20  # elements
 PROLOGUES = {"none": NONE, "rms": RMS, "add_rms": ADD_RMS, "silu_mul": SILU_MUL}
 
 
@@ -42,6 +43,7 @@ class GemvConfig:
     block_n: int
     block_k: int
     num_warps: int
+    w_evict: str = ""  # eviction policy of the weight loads ("" or "evict_first")
 
 
 @triton.jit
@@ -80,7 +82,7 @@ def _gemv_kernel(
     M, N, eps, stride_x, stride_x2, stride_r, stride_y, stride_s, stride_w,
     K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     PROLOGUE: tl.constexpr, HAS_NORM_WEIGHT: tl.constexpr, CAST_BEFORE_WEIGHT: tl.constexpr,
-    HAS_BIAS: tl.constexpr, USE_PDL: tl.constexpr,
+    HAS_BIAS: tl.constexpr, USE_PDL: tl.constexpr, W_EVICT: tl.constexpr = "",
 ):
     pid = tl.program_id(0)
     m = tl.arange(0, BLOCK_M)
@@ -91,7 +93,8 @@ def _gemv_kernel(
     w_rows = w_ptr + n[:, None].to(tl.int64) * stride_w  # [BN, 1]
     # The first weight tile depends on no earlier kernel: its loads go out before the PDL wait.
     cols_first = tl.arange(0, BLOCK_K)[None, :]  # [1, BK]
-    w_first = tl.load(w_rows + cols_first, mask=n_mask[:, None] & (cols_first < K), other=0.0)  # [BN, BK]
+    w_first = tl.load(w_rows + cols_first, mask=n_mask[:, None] & (cols_first < K), other=0.0,
+                      eviction_policy=W_EVICT)  # [BN, BK]
     if USE_PDL:
         tl.extra.cuda.gdc_launch_dependents()
         tl.extra.cuda.gdc_wait()  # inputs below are written by earlier kernels
@@ -115,7 +118,8 @@ def _gemv_kernel(
         if k0 == 0:
             w = w_first.to(tl.float32)
         else:
-            w = tl.load(w_rows + cols, mask=n_mask[:, None] & (cols < K), other=0.0).to(tl.float32)  # [BN, BK]
+            w = tl.load(w_rows + cols, mask=n_mask[:, None] & (cols < K), other=0.0,
+                        eviction_policy=W_EVICT).to(tl.float32)  # [BN, BK]
         for mi in tl.static_range(BLOCK_M):  # the weight tile is loaded once for every row
             inv_i = tl.sum(tl.where(m == mi, inv, 0.0), 0)
             row_ok = (cols < K) & (cols * 0 + mi < M)
@@ -140,11 +144,22 @@ def choose_config(m: int, n: int, k: int, device: torch.device, prologue: str = 
     """Four weight rows per program and 1-2K columns per load: the best tiles of an H200 sweep
     (``python -m infer.benchmarks.gemv --sweep``). Narrow tiles give the most programs in flight;
     wider ones (8-16 rows, which would amortize a prologue) measured 15-65% slower per step, since
-    the fp32 tile then leaves fewer loads in flight per SM."""
+    the fp32 tile then leaves fewer loads in flight per SM.
+
+    8B-sized weights (at least ``LARGE_WEIGHT`` elements, rows of 4096 or more) load with
+    ``evict_first`` (streamed once: they should not push the step's activations out of L2), and
+    for one row take 2 weight rows x 4096 columns per program, 8 warps. H200, session 10: the best
+    tile summed over an 8B layer's four projections in a sweep of 54, and the whole 8B step went
+    from 4.40 to 4.13 ms at batch 1. At batch 2 that tile lost (5.23 -> 5.74 ms), the hint alone
+    won (5.10 ms)."""
     if device.type != "cuda":
         return GemvConfig(block_n=4, block_k=min(64, triton.next_power_of_2(k)), num_warps=1)
     block_k = min(triton.next_power_of_2(k), 2048 if k > 1024 else 1024)
-    return GemvConfig(block_n=4, block_k=block_k, num_warps=4 if n * k < (16 << 20) else 2)
+    if n * k < LARGE_WEIGHT or k < 4096:
+        return GemvConfig(block_n=4, block_k=block_k, num_warps=4 if n * k < (16 << 20) else 2)
+    if m == 1:
+        return GemvConfig(block_n=2, block_k=min(triton.next_power_of_2(k), 4096), num_warps=8, w_evict="evict_first")
+    return GemvConfig(block_n=4, block_k=block_k, num_warps=2, w_evict="evict_first")
 
 
 def gemv(
@@ -179,7 +194,7 @@ def gemv(
             m, n, eps, x.stride(0), x2_.stride(0), r_.stride(0), y.stride(0), s_.stride(0), weight.stride(0),
             K=k, BLOCK_M=max(1, triton.next_power_of_2(m)), BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
             PROLOGUE=mode, HAS_NORM_WEIGHT=norm_weight is not None, CAST_BEFORE_WEIGHT=cast_before_weight,
-            HAS_BIAS=bias is not None, num_warps=cfg.num_warps,
+            HAS_BIAS=bias is not None, num_warps=cfg.num_warps, W_EVICT=cfg.w_evict,
             **pdl_launch_options(x.device),
         )
     return y, s

@@ -54,13 +54,6 @@ def _jit_function_class():
     return JITFunction
 
 
-def warm_triton_driver() -> None:
-    """Create Triton's CUDA driver (a C compile of its utilities when Triton's cache is cold), for a
-    thread that runs while the weights load: otherwise the first kernel launch pays it."""
-    from triton.runtime.driver import driver
-    driver.active.get_current_device  # noqa: B018  (the attribute access creates it)
-
-
 def _knobs():
     try:
         from triton import knobs

@@ -86,3 +86,27 @@ def test_ops_reject_bad_input():
         torch.ops.infer.add_rms_norm_linear(x, torch.randn(3, 16), None, EPS, False, torch.float32, w, None)
     with pytest.raises(ValueError, match="one shape"):
         torch.ops.infer.silu_mul_linear(x, torch.randn(2, 8), w, None)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("rows", [1, 2])
+@pytest.mark.parametrize("prologue", ["none", "add_rms", "silu_mul"])
+def test_large_weight_configs_match_the_chain(prologue, rows):
+    """An 8B-sized projection (4096 x 4096) through the configs ``choose_config`` picks for large
+    weights (evict-first weight loads; 2 x 4096 tiles on 8 warps for one row), and the same tile
+    without the cache hint: the hint changes nothing, bit for bit."""
+    from infer.runtime.kernels.gemv_triton import LARGE_WEIGHT, choose_config
+
+    m, k, n = rows, 4096, 4096
+    assert n * k >= LARGE_WEIGHT
+    kwargs, name, args = inputs(prologue, m, k, n, torch.bfloat16, bias=False)
+    x, w, _ = kwargs.pop("x"), kwargs.pop("weight"), kwargs.pop("bias")
+    config = choose_config(m, n, k, x.device, prologue)
+    assert config.w_evict == "evict_first"
+    y, _ = gemv(x, w, config=config, **kwargs)
+    expected = L.reference(name, *args)
+    expected = expected[0] if prologue == "add_rms" else expected
+    torch.testing.assert_close(y, expected, **TOL[torch.bfloat16])
+    unhinted = GemvConfig(config.block_n, config.block_k, config.num_warps)
+    assert torch.equal(gemv(x, w, config=unhinted, **kwargs)[0], y)
