@@ -29,12 +29,12 @@ import triton.language as tl
 from .pdl import pdl_launch_options
 
 MAX_ROWS = 8  # most rows the kernel takes; callers fall back to a GEMM above this
+LARGE_WEIGHT = 16 << 20  # elements: from here on a weight takes the 8B-sized configs (choose_config)
 NONE, RMS, ADD_RMS, SILU_MUL = 0, 1, 2, 3
 # Every GEMV launches with PDL. A 28-layer chain of 0.6B-sized projections (1-6M elements) ran 28%
 # faster with it (H200, session 3: 551 -> 395 us at M=1). 8B-sized weights (17-50M) were launched
 # without it from session 3 on, when a GEMV chain measured 7% slower; in the whole 8B step of
 # session 8 (H200, full decode graph, batch 1) PDL on them is faster: 4.44-4.55 -> 4.39 ms.
-LARGE_WEIGHT = 16 << 20  # elements
 PROLOGUES = {"none": NONE, "rms": RMS, "add_rms": ADD_RMS, "silu_mul": SILU_MUL}
 
 
@@ -156,7 +156,7 @@ def choose_config(m: int, n: int, k: int, device: torch.device, prologue: str = 
         return GemvConfig(block_n=4, block_k=min(64, triton.next_power_of_2(k)), num_warps=1)
     block_k = min(triton.next_power_of_2(k), 2048 if k > 1024 else 1024)
     if n * k < LARGE_WEIGHT or k < 4096:
-        return GemvConfig(block_n=4, block_k=block_k, num_warps=4 if n * k < (16 << 20) else 2)
+        return GemvConfig(block_n=4, block_k=block_k, num_warps=4 if n * k < LARGE_WEIGHT else 2)
     if m == 1:
         return GemvConfig(block_n=2, block_k=min(triton.next_power_of_2(k), 4096), num_warps=8, w_evict="evict_first")
     return GemvConfig(block_n=4, block_k=block_k, num_warps=2, w_evict="evict_first")
