@@ -79,9 +79,9 @@ def _prepare_runtime(config: EngineConfig) -> None:
     """A head start for a setup thread while the weights load: the inner compiler's imports
     (Inductor only). Failures only cost the head start: the real use reports them.
 
-    Triton's CUDA driver is not created here: on the H200 (session 10, eager 8B, two A/B pairs
-    against ``e4779d1``) doing so slowed the load on the main thread by 0.3-0.8 s in every run,
-    cold and warm, and left cold starts unchanged."""
+    Triton's CUDA driver is not created here any more: with it (session 9), eager 8B starts on
+    the H200 loaded 0.1-0.8 s slower than ``e4779d1`` in four A/B pairs, cold and warm, and cold
+    starts were no faster (``benchmarks/RESULTS.md``, session 10)."""
     if not config.compile:
         return
     from ...compiler.config import CompilerConfig
