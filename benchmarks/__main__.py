@@ -73,6 +73,12 @@ def settings_for(args: argparse.Namespace, scenario: str) -> Settings:
             startup.check_baseline(args.baseline)
         except ValueError as err:
             raise SystemExit(str(err)) from None
+    if args.tmp is not None:  # created like --out; a file there is refused by name
+        tmp = Path(args.tmp)
+        if tmp.exists() and not tmp.is_dir():
+            raise SystemExit(f"--tmp {args.tmp!r} is not a folder (expected a folder for temporary checkpoints "
+                             f"and compile caches, created if missing)")
+        tmp.mkdir(parents=True, exist_ok=True)
     size = "tiny" if args.tiny else "quick" if args.quick else "full"
     shapes = ("tiny",) if args.tiny else tuple(args.shape or DEFAULT_SHAPES[scenario])
     if scenario == "startup" and args.quick and not args.shape and not args.tiny:

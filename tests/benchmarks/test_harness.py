@@ -87,6 +87,18 @@ def test_startup_measures_a_baseline_tree_alongside(tmp_path):
         main(["startup", "--tiny", "--device", "cpu", "--baseline", str(tmp_path), "--out", str(out)])
 
 
+def test_tmp_folder_is_created_and_a_file_there_is_refused(tmp_path):
+    from infer.benchmarks.__main__ import parse_args, settings_for
+
+    missing = tmp_path / "a" / "b"
+    settings = settings_for(parse_args(["floor", "--tiny", "--device", "cpu", "--tmp", str(missing)]), "floor")
+    assert settings.tmp_dir == str(missing) and missing.is_dir()
+    clash = tmp_path / "file"
+    clash.write_text("")
+    with pytest.raises(SystemExit, match="is not a folder"):
+        settings_for(parse_args(["floor", "--tiny", "--device", "cpu", "--tmp", str(clash)]), "floor")
+
+
 @pytest.mark.parametrize("shape", ["tiny", "0.6b", "8b"])
 def test_floor_bytes_match_the_model(shape):
     cfg = qwen3_config(shape)
