@@ -68,6 +68,10 @@ def settings_for(args: argparse.Namespace, scenario: str) -> Settings:
         raise SystemExit(f"--device {device} but CUDA is not available; use --device cpu (with --tiny)")
     if args.repeat < 1:
         raise SystemExit(f"--repeat must be at least 1, got {args.repeat}")
+    for flag, values in (("--batch", args.batch), ("--context", args.context), ("--steps", [args.steps])):
+        bad = [v for v in values or () if v is not None and v < 1]
+        if bad:
+            raise SystemExit(f"{flag} takes positive integers, got {bad[0]}")
     if args.baseline is not None:
         try:
             startup.check_baseline(args.baseline)

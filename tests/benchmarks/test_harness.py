@@ -87,6 +87,14 @@ def test_startup_measures_a_baseline_tree_alongside(tmp_path):
         main(["startup", "--tiny", "--device", "cpu", "--baseline", str(tmp_path), "--out", str(out)])
 
 
+@pytest.mark.parametrize("flag, value", [("--batch", "0"), ("--context", "-5"), ("--steps", "0")])
+def test_sizes_below_one_are_refused_by_name(flag, value):
+    from infer.benchmarks.__main__ import parse_args, settings_for
+
+    with pytest.raises(SystemExit, match=f"{flag} takes positive integers, got {value}"):
+        settings_for(parse_args(["decode", "--tiny", "--device", "cpu", flag, value]), "decode")
+
+
 def test_tmp_folder_is_created_and_a_file_there_is_refused(tmp_path):
     from infer.benchmarks.__main__ import parse_args, settings_for
 
