@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from ..runtime import ops  # noqa: F401  (registers torch.ops.infer.*)
 from ..runtime.kernels.gemv_triton import GemvConfig, choose_config, gemv
 from .decode_step import copy_bandwidth
+from .harness import graph_ms_per_call
 
 SHAPES = {  # name -> (N, K) of the projection weight
     "0.6b qkv": (4096, 1024), "0.6b o": (1024, 2048), "0.6b gate_up": (6144, 1024), "0.6b down": (1024, 3072),
@@ -29,23 +30,6 @@ SHAPES = {  # name -> (N, K) of the projection weight
 SWEEP = [GemvConfig(bn, bk, w, ev) for bn, bk, w, ev in itertools.product((1, 2, 4, 8), (512, 1024, 2048, 4096),
                                                                           (1, 2, 4, 8), ("", "evict_first"))
          if 2048 <= bn * bk <= 16384]
-
-
-def _graph_ms(fn, copies: int) -> float:
-    """Median ms per call of ``fn(i)`` over all copies, replayed from one CUDA graph."""
-    for i in range(copies):
-        fn(i)
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for i in range(copies):
-            fn(i)
-    times = []
-    for _ in range(15):
-        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        s.record(); graph.replay(); e.record(); e.synchronize()
-        times.append(s.elapsed_time(e) / copies)
-    return sorted(times)[len(times) // 2]
 
 
 def _label(cfg: GemvConfig) -> str:
@@ -77,13 +61,14 @@ def run_case(name: str, n: int, k: int, m: int, sweep: bool, prologue: str = "no
     got = gemv(x, weights[0], **kwargs)[0]
     err = (got.float() - ref.float()).abs().max().item()
     row = dict(shape=name, N=n, K=k, rows=m, prologue=prologue, max_abs_err=err)
-    row["cublas_us"] = 1e3 * _graph_ms(lambda i: F.linear(unfused(), weights[i]), copies)
+    row["cublas_us"] = 1e3 * graph_ms_per_call(lambda i: F.linear(unfused(), weights[i]), copies)
     cfg = choose_config(m, n, k, x.device, prologue)
-    row["gemv_us"] = 1e3 * _graph_ms(lambda i: gemv(x, weights[i], config=cfg, **kwargs), copies)
+    row["gemv_us"] = 1e3 * graph_ms_per_call(lambda i: gemv(x, weights[i], config=cfg, **kwargs), copies)
     row["config"] = _label(cfg)
     if sweep:
-        best = min(((1e3 * _graph_ms(lambda i: gemv(x, weights[i], config=c, **kwargs), copies), c) for c in SWEEP),
-                   key=lambda t: t[0])
+        timed = [(1e3 * graph_ms_per_call(lambda i: gemv(x, weights[i], config=c, **kwargs), copies), c)
+                 for c in SWEEP]
+        best = min(timed, key=lambda t: t[0])
         row["best_us"], row["best_config"] = best[0], _label(best[1])
     for key in ("cublas", "gemv", "best"):
         if f"{key}_us" in row:
@@ -124,10 +109,10 @@ def run_chain(shape: str, layers: int, m: int) -> dict:
     try:
         for label, flag in (("gemv_pdl", "1"), ("gemv_nopdl", "0")):
             os.environ["INFER_PDL"] = flag
-            row[f"{label}_us"] = 1e3 * layers * _graph_ms(ours, layers)
+            row[f"{label}_us"] = 1e3 * layers * graph_ms_per_call(ours, layers)
     finally:
         os.environ.pop("INFER_PDL") if saved is None else os.environ.__setitem__("INFER_PDL", saved)
-    row["cublas_us"] = 1e3 * layers * _graph_ms(cublas, layers)
+    row["cublas_us"] = 1e3 * layers * graph_ms_per_call(cublas, layers)
     for key in ("gemv_pdl", "gemv_nopdl", "cublas"):
         row[f"{key}_gbps"] = nbytes / (row[f"{key}_us"] * 1e-6) / 1e9
     return row

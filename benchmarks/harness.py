@@ -84,6 +84,32 @@ def median_ms(fn: Callable[[], Any], device: str, iters: int, warmup: int = 1) -
     return statistics.median(times)
 
 
+def graph_ms_per_call(fn: Callable[[int], Any], calls: int, replays: int = 15) -> float:
+    """Median milliseconds per call of ``fn(0), ..., fn(calls - 1)``, captured back to back in one
+    CUDA graph and replayed ``replays`` times.
+
+    One graph launch is shared by ``calls`` kernels, as in a captured decode step: timing a single
+    kernel per replay between two events would count the host's graph launch in it (~11 us for a
+    decode-attention launch that reads one tile per program, H200). ``fn(i)`` may work on its own
+    copy of the data, so that L2 cannot serve what a real step streams from memory."""
+    for i in range(calls):
+        fn(i)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for i in range(calls):
+            fn(i)
+    times = []
+    for _ in range(max(1, replays)):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / calls)
+    return statistics.median(times)
+
+
 def device_name(device: str) -> str:
     if device.startswith("cuda") and torch.cuda.is_available():
         return torch.cuda.get_device_name(torch.device(device))
