@@ -157,8 +157,8 @@ def choose_config(m: int, n: int, k: int, device: torch.device, prologue: str = 
     block_k = min(triton.next_power_of_2(k), 2048 if k > 1024 else 1024)
     if n * k < LARGE_WEIGHT or k < 4096:
         return GemvConfig(block_n=4, block_k=block_k, num_warps=4 if n * k < LARGE_WEIGHT else 2)
-    if m == 1:
-        return GemvConfig(block_n=2, block_k=min(triton.next_power_of_2(k), 4096), num_warps=8, w_evict="evict_first")
+    if m == 1:  # k >= 4096 here
+        return GemvConfig(block_n=2, block_k=4096, num_warps=8, w_evict="evict_first")
     return GemvConfig(block_n=4, block_k=block_k, num_warps=2, w_evict="evict_first")
 
 
