@@ -15,6 +15,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .pdl import PDL_MAX_ROWS, pdl_launch_options
+
 _MAX_BLOCK = 1024  # columns per program
 _TILE = 2048  # target elements per program (several rows when the rows are short)
 _ELEMS_PER_WARP = 256
@@ -22,7 +24,11 @@ _ELEMS_PER_WARP = 256
 
 @triton.jit(do_not_specialize=["n_rows"])
 def _silu_and_mul_kernel(g_ptr, u_ptr, out_ptr, n_rows, n_cols, g_stride, u_stride,
-                         out_stride, ROWS: tl.constexpr, BLOCK: tl.constexpr):
+                         out_stride, ROWS: tl.constexpr, BLOCK: tl.constexpr,
+                         USE_PDL: tl.constexpr = False):
+    if USE_PDL:
+        tl.extra.cuda.gdc_launch_dependents()
+        tl.extra.cuda.gdc_wait()  # gate and up are written by the kernel before
     rows = (tl.program_id(0) * ROWS + tl.arange(0, ROWS)).to(tl.int64)[:, None]  # [ROWS, 1]
     cols = (tl.program_id(1) * BLOCK + tl.arange(0, BLOCK))[None, :]  # [1, BLOCK]
     mask = (rows < n_rows) & (cols < n_cols)
@@ -62,5 +68,6 @@ def silu_and_mul_triton(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     with guard:
         _silu_and_mul_kernel[grid](g2, u2, out2, n_rows, n_cols, g2.stride(0), u2.stride(0),
                                    out2.stride(0), ROWS=rows_per_prog, BLOCK=block,
-                                   num_warps=num_warps)
+                                   num_warps=num_warps,
+                                   **pdl_launch_options(gate.device, enable=n_rows <= PDL_MAX_ROWS))
     return out

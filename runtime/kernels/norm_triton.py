@@ -20,6 +20,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .pdl import PDL_MAX_ROWS, pdl_launch_options
+
 MAX_FUSED_BLOCK = 16384  # longest row (elements) held in registers for the one-pass path
 _TILE = 4096  # target elements per program when several short rows share one program
 _ELEMS_PER_WARP = 512
@@ -39,13 +41,12 @@ def _load_input(x_ptr, res_ptr, s_ptr, rows, cols, mask, x_stride, res_stride, s
 
 
 @triton.jit
-def _scale_store(h, inv, w_ptr, out_ptr, rows, cols, mask, col_mask, out_stride,
+def _scale_store(h, inv, w, out_ptr, rows, cols, mask, out_stride,
                  HAS_WEIGHT: tl.constexpr, CAST_BEFORE_WEIGHT: tl.constexpr,
                  IN_DTYPE: tl.constexpr):
-    """``out = h * inv`` (optionally cast to ``IN_DTYPE``, then times weight), stored once."""
+    """``out = h * inv`` (optionally cast to ``IN_DTYPE``, then times the fp32 weight ``w``), stored once."""
     y = h * inv  # [ROWS, BLOCK] fp32
     if HAS_WEIGHT:
-        w = tl.load(w_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)  # [1, BLOCK]
         if CAST_BEFORE_WEIGHT:
             y = y.to(IN_DTYPE).to(tl.float32)
         y = y * w
@@ -57,7 +58,7 @@ def _rms_norm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, s_ptr,
                      n_rows, n_cols, x_stride, res_stride, out_stride, s_stride, eps,
                      HAS_RESIDUAL: tl.constexpr, HAS_WEIGHT: tl.constexpr,
                      CAST_BEFORE_WEIGHT: tl.constexpr, SINGLE_PASS: tl.constexpr,
-                     ROWS: tl.constexpr, BLOCK: tl.constexpr):
+                     ROWS: tl.constexpr, BLOCK: tl.constexpr, USE_PDL: tl.constexpr = False):
     # Without a residual the launcher passes s_ptr = x_ptr (never written), so
     # s_ptr's element type is always the dtype of the tensor being normalized.
     in_dtype: tl.constexpr = s_ptr.dtype.element_ty
@@ -68,12 +69,21 @@ def _rms_norm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, s_ptr,
     if SINGLE_PASS:
         col_mask = offs < n_cols
         mask = row_mask & col_mask
+        w = offs * 0.0  # no weight: never read
+        if HAS_WEIGHT:  # the norm weight is not written during a step: loaded before the PDL wait
+            w = tl.load(w_ptr + offs, mask=col_mask, other=0.0).to(tl.float32)  # [1, BLOCK]
+        if USE_PDL:
+            tl.extra.cuda.gdc_launch_dependents()
+            tl.extra.cuda.gdc_wait()  # x and the residual are written by earlier kernels
         h = _load_input(x_ptr, res_ptr, s_ptr, rows, offs, mask, x_stride, res_stride,
                         s_stride, HAS_RESIDUAL)
         inv = tl.rsqrt(tl.sum(h * h, axis=1) / n_cols + eps)[:, None]  # [ROWS, 1]
-        _scale_store(h, inv, w_ptr, out_ptr, rows, offs, mask, col_mask, out_stride,
+        _scale_store(h, inv, w, out_ptr, rows, offs, mask, out_stride,
                      HAS_WEIGHT, CAST_BEFORE_WEIGHT, in_dtype)
     else:
+        if USE_PDL:
+            tl.extra.cuda.gdc_launch_dependents()
+            tl.extra.cuda.gdc_wait()
         acc = tl.zeros([ROWS, BLOCK], dtype=tl.float32)
         for start in range(0, n_cols, BLOCK):
             cols = start + offs
@@ -90,8 +100,11 @@ def _rms_norm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, s_ptr,
                 h = tl.load(s_ptr + rows * s_stride + cols, mask=mask, other=0.0)
             else:
                 h = tl.load(x_ptr + rows * x_stride + cols, mask=mask, other=0.0)
-            _scale_store(h.to(tl.float32), inv, w_ptr, out_ptr, rows, cols, mask, col_mask,
-                         out_stride, HAS_WEIGHT, CAST_BEFORE_WEIGHT, in_dtype)
+            w = cols * 0.0
+            if HAS_WEIGHT:
+                w = tl.load(w_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)  # [1, BLOCK]
+            _scale_store(h.to(tl.float32), inv, w, out_ptr, rows, cols, mask, out_stride,
+                         HAS_WEIGHT, CAST_BEFORE_WEIGHT, in_dtype)
 
 
 def _as_rows(t: torch.Tensor) -> torch.Tensor:
@@ -133,7 +146,8 @@ def _launch(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor
             x2, r2, w, out2, s2, n_rows, n_cols, x2.stride(0), r2.stride(0), out2.stride(0),
             s2.stride(0), eps, HAS_RESIDUAL=residual is not None, HAS_WEIGHT=weight is not None,
             CAST_BEFORE_WEIGHT=cast_before_weight, SINGLE_PASS=single_pass,
-            ROWS=rows_per_prog, BLOCK=block, num_warps=num_warps)
+            ROWS=rows_per_prog, BLOCK=block, num_warps=num_warps,
+            **pdl_launch_options(x.device, enable=n_rows <= PDL_MAX_ROWS))
     return out, s
 
 

@@ -20,6 +20,11 @@ import os
 import torch
 
 
+# Rows up to which the small elementwise/norm kernels of a step (RMSNorm, SiLU-and-mul, q/k norm +
+# rotary) join the PDL chain: decode-sized steps, where they sit between GEMVs that trigger early.
+PDL_MAX_ROWS = 64
+
+
 @functools.lru_cache(maxsize=None)
 def _device_supports(index: int) -> bool:
     return torch.cuda.get_device_capability(index)[0] >= 9

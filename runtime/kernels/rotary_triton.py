@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .pdl import pdl_launch_options
+from .pdl import PDL_MAX_ROWS, pdl_launch_options
 
 _TILE = 2048  # target elements per program
 _ELEMS_PER_WARP = 256
@@ -35,9 +35,6 @@ class NormArgs:
     eps: float
     cast_before_weight: bool
     out_dtype: torch.dtype
-
-
-PDL_MAX_TOKENS = 64  # decode-sized steps join the PDL chain of the projections around them
 
 
 @triton.jit
@@ -174,5 +171,5 @@ def qk_rotary_triton(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: t
             K_CAST=k_norm is not None and k_norm.cast_before_weight,
             BLOCK_H=block_h, BLOCK_HALF=block_half, BLOCK_TAIL=block_tail, BY_HAND=not q.is_cuda,
             num_warps=num_warps, enable_fp_fusion=False,
-            **pdl_launch_options(q.device, enable=n_tokens <= PDL_MAX_TOKENS))
+            **pdl_launch_options(q.device, enable=n_tokens <= PDL_MAX_ROWS))
     return q_out, k_out
