@@ -3,7 +3,16 @@
 Grid ``(num_seqs, num_kv_heads, num_splits)``: a program takes every q head of one kv-head group
 (padded to 16 rows so ``tl.dot`` runs on tensor cores), walks its slice of the sequence in
 ``BLOCK_N``-token tiles gathered through the block table, and keeps a running max/sum in fp32.
-With more than one split it writes a partial ``(out, lse)`` and a second kernel combines them.
+With more than one split it writes a partial ``(out, lse)`` and a second kernel combines them;
+in the latency-bound regime (``decode_plan.combine_in_partial``: few sequences) the last split of
+each (sequence, kv head) to finish combines them instead. Each program stores its partial, then
+counts itself in on a per-(sequence, kv head) arrival counter (an atomic add with acquire-release
+ordering, after a barrier that orders every thread's stores before it); the program that sees the
+count reach the number of splits holding keys reads the partials back (past L1) and combines them
+in split order, exactly as the reduce kernel does, then sets the counter back to zero for the next
+launch. The counters live in a per-device buffer allocated once, outside CUDA-graph capture; two
+launches running at once on different streams of one device would share them, so that is
+unsupported (every launch of a step runs on one stream).
 
 Split length is decided on the device: ``num_splits`` is fixed by shapes, and each sequence is cut
 into ``num_splits`` slices of ``max(roundup(cdiv(seq_len, num_splits), BLOCK_N), min_split_len)``
@@ -35,12 +44,13 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .decode_plan import DecodeConfig, plan_splits, sm_count
+from .decode_plan import DecodeConfig, combine_in_partial, plan_splits, sm_count
 from .kv_layout import cache_halves, cache_strides
 from .pdl import pdl_launch_options
 
 LOG2E = 1.4426950408889634
 REDUCE_SPLITS_BLOCK = 16  # partials combined per reduce iteration (fixed: no recompile per batch size)
+_COUNTERS: dict[tuple[str, int], list[Tensor]] = {}  # device -> arrival-counter buffers, newest last
 
 
 @triton.jit
@@ -79,12 +89,13 @@ def _attend_tile(q, k, v, t_mask, m_i, l_i, acc, scale_log2e, PRECISION: tl.cons
 @triton.jit(do_not_specialize=["num_splits", "min_split_len", "num_slots", "stride_bt"])
 def _decode_partial_kernel(
     q_ptr, k_ptr, v_ptr, k_cache_ptr, v_cache_ptr, slot_ptr, block_tables_ptr, seq_lens_ptr, out_ptr,
-    part_o_ptr, part_lse_ptr,
+    part_o_ptr, part_lse_ptr, counter_ptr,
     scale_log2e, num_splits, min_split_len, max_context, num_slots,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
     stride_cblk, stride_ctok, stride_ch, stride_bt,
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     BLOCK_N: tl.constexpr, FUSE_WRITE: tl.constexpr, PRECISION: tl.constexpr, USE_PDL: tl.constexpr,
+    COMBINE: tl.constexpr = False, GROUP_P2: tl.constexpr = 1, SPLITS_BLOCK: tl.constexpr = 16,
 ):
     # With the write fused, nothing an earlier kernel of this step writes is read before the PDL wait
     # below: lengths, tables and slots come from the host, and the only cache row written this step
@@ -109,6 +120,8 @@ def _decode_partial_kernel(
         writer = has_new & (split == tl.maximum(new_pos, 0) // split_len)  # split 0 when seq_len == 0
         w_mask = d < tl.where(writer, HEAD_DIM, 0)  # [D], all-false except in the writing program
         skip = skip & ~writer
+    if COMBINE:  # an empty sequence has no split to combine: split 0 writes its zeros
+        skip = skip & ~((seq_len == 0) & (split == 0))
     if skip:
         return
 
@@ -138,6 +151,12 @@ def _decode_partial_kernel(
     g = tl.arange(0, GROUP_PAD)
     g_mask = g < GROUP
     q_heads = kv_head * GROUP + g
+    if COMBINE:
+        if seq_len == 0:
+            zeros = tl.zeros([GROUP_PAD, HEAD_DIM], tl.float32)
+            tl.store(out_ptr + seq.to(tl.int64) * stride_ot + q_heads[:, None] * stride_oh + d[None, :],
+                     zeros.to(out_ptr.dtype.element_ty), mask=g_mask[:, None])
+            return
     q = tl.load(q_ptr + seq.to(tl.int64) * stride_qt + q_heads[:, None] * stride_qh + d[None, :],
                 mask=g_mask[:, None], other=0.0)  # [GROUP_PAD, D]
     m_i = tl.full([GROUP_PAD], float("-inf"), tl.float32)
@@ -160,6 +179,51 @@ def _decode_partial_kernel(
         part = (seq.to(tl.int64) * (GROUP * tl.num_programs(1)) + q_heads) * num_splits + split  # [GROUP_PAD]
         tl.store(part_lse_ptr + part, lse, mask=g_mask)
         tl.store(part_o_ptr + part[:, None] * HEAD_DIM + d[None, :], out, mask=g_mask[:, None])
+        if COMBINE:
+            tl.debug_barrier()  # every thread's partial stores come before the count below
+            counter = counter_ptr + seq * tl.num_programs(1) + kv_head
+            arrived = tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu")
+            num_active = tl.cdiv(seq_len, split_len)  # splits with keys: the ones that count
+            if arrived == num_active - 1:  # the last one in: every other partial is visible
+                tl.store(counter, 0)  # ready for the next launch
+                _combine_group(part_o_ptr, part_lse_ptr, out_ptr, seq, kv_head, num_splits, num_active,
+                               tl.num_programs(1) * GROUP, stride_ot, stride_oh, GROUP, GROUP_P2, HEAD_DIM,
+                               SPLITS_BLOCK)
+
+
+@triton.jit
+def _combine_group(part_o_ptr, part_lse_ptr, out_ptr, seq, kv_head, num_splits, num_active, num_q_heads,
+                   stride_ot, stride_oh, GROUP: tl.constexpr, GROUP_P2: tl.constexpr, HEAD_DIM: tl.constexpr,
+                   SPLITS_BLOCK: tl.constexpr):
+    """The reduce kernel's combine for the ``GROUP`` q heads of one kv head, in the partial kernel.
+
+    Partials are loaded with ``.cg`` (from L2): other programs wrote them after this SM may have
+    cached those addresses in L1 during an earlier launch."""
+    g = tl.arange(0, GROUP_P2)
+    g_mask = g < GROUP
+    d = tl.arange(0, HEAD_DIM)
+    base = (seq.to(tl.int64) * num_q_heads + kv_head * GROUP + g) * num_splits  # [GP2]
+    m = tl.full([GROUP_P2], float("-inf"), tl.float32)
+    denom = tl.zeros([GROUP_P2], tl.float32)
+    acc = tl.zeros([GROUP_P2, HEAD_DIM], tl.float32)
+    for s0 in range(0, num_active, SPLITS_BLOCK):
+        s = s0 + tl.arange(0, SPLITS_BLOCK)
+        mask = g_mask[:, None] & (s < num_active)[None, :]  # [GP2, SB]
+        idx = base[:, None] + s[None, :]  # [GP2, SB]
+        lse = tl.load(part_lse_ptr + idx, mask=mask, other=float("-inf"), cache_modifier=".cg")
+        m_new = tl.maximum(m, tl.max(lse, 1))  # finite for real heads: every active split holds keys
+        m_safe = tl.where(g_mask, m_new, 0.0)  # padded heads stay at -inf: keep their arithmetic finite
+        alpha = tl.exp2(m - m_safe)
+        w = tl.exp2(lse - m_safe[:, None])  # [GP2, SB], 0 for masked lanes
+        o = tl.load(part_o_ptr + idx[:, :, None] * HEAD_DIM + d[None, None, :], mask=mask[:, :, None], other=0.0,
+                    cache_modifier=".cg")  # [GP2, SB, D]
+        acc = acc * alpha[:, None] + tl.sum(w[:, :, None] * o, 1)
+        denom = denom * alpha + tl.sum(w, 1)
+        m = m_new
+    out = acc / tl.where(denom > 0.0, denom, 1.0)[:, None]  # [GP2, D]
+    heads = kv_head * GROUP + g
+    tl.store(out_ptr + seq.to(tl.int64) * stride_ot + heads[:, None] * stride_oh + d[None, :],
+             out.to(out_ptr.dtype.element_ty), mask=g_mask[:, None])
 
 
 @triton.jit(do_not_specialize=["num_splits", "min_split_len"])
@@ -205,6 +269,22 @@ def _check_decode_shapes(q: Tensor, kv_cache: Tensor, block_tables: Tensor) -> N
                          f"{block_tables.shape[0]} sequences")
 
 
+def _arrival_counters(device: torch.device, n: int) -> Tensor | None:
+    """A zeroed int32 buffer of at least ``n`` arrival counters on ``device``, or None while a CUDA
+    graph is being captured and no buffer is large enough (the launch then keeps the reduce kernel).
+
+    Launches leave the counters at zero. A buffer is never freed or replaced: graphs captured with
+    it keep its address, so a larger need adds a new one."""
+    index = device.index if device.index is not None or device.type != "cuda" else torch.cuda.current_device()
+    buffers = _COUNTERS.setdefault((device.type, index or 0), [])
+    if buffers and buffers[-1].numel() >= n:
+        return buffers[-1]
+    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        return None
+    buffers.append(torch.zeros(max(n, sm_count(device)), dtype=torch.int32, device=device))
+    return buffers[-1]
+
+
 def _launch(
     q: Tensor, kv_cache: Tensor, seq_lens: Tensor, block_tables: Tensor, scale: float, out: Tensor | None,
     config: DecodeConfig | None, num_splits: int | None, new_kv: tuple[Tensor, Tensor, Tensor] | None,
@@ -230,6 +310,9 @@ def _launch(
         part_o = torch.empty(num_seqs, num_q_heads, splits, head_dim, device=q.device, dtype=torch.float32)
         part_lse = torch.empty(num_seqs, num_q_heads, splits, device=q.device, dtype=torch.float32)
     k, v, slots = new_kv if new_kv is not None else (q, q, seq_lens)  # placeholders, unused without the write
+    counters = None
+    if combine_in_partial(num_seqs, num_kv_heads, splits, q.device):
+        counters = _arrival_counters(q.device, num_seqs * num_kv_heads)  # None while capturing a new size
     # The partial kernel always launches with PDL (its set-up and first tile overlap the previous
     # kernel); the reduce kernel only in the latency-bound regime: at batch 64 an early-scheduled
     # reduce took SM slots from the partial kernel and the 0.6B step lost 0.13 ms (H200).
@@ -237,15 +320,16 @@ def _launch(
     pdl_reduce = pdl_launch_options(q.device, enable=num_seqs * num_kv_heads < sm_count(q.device))
     _decode_partial_kernel[(num_seqs, num_kv_heads, splits)](
         q, k, v, *cache_halves(kv_cache), slots, block_tables, seq_lens, out, part_o, part_lse,
-        scale * LOG2E, splits, min_split_len, max_context, slots.shape[0],
+        counters if counters is not None else seq_lens, scale * LOG2E, splits, min_split_len, max_context, slots.shape[0],
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), out.stride(0), out.stride(1),
         *cache_strides(kv_cache), block_tables.stride(0),
         GROUP=num_q_heads // num_kv_heads, GROUP_PAD=max(16, triton.next_power_of_2(num_q_heads // num_kv_heads)),
         HEAD_DIM=head_dim, BLOCK_SIZE=block_size, BLOCK_N=config.block_n, FUSE_WRITE=new_kv is not None,
-        PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        PRECISION="ieee" if q.dtype == torch.float32 else "tf32", COMBINE=counters is not None,
+        GROUP_P2=triton.next_power_of_2(num_q_heads // num_kv_heads), SPLITS_BLOCK=REDUCE_SPLITS_BLOCK,
         num_warps=config.num_warps, num_stages=config.num_stages, **pdl,
     )
-    if splits > 1:
+    if splits > 1 and counters is None:
         _decode_reduce_kernel[(num_seqs, num_q_heads)](
             part_o, part_lse, seq_lens, out, splits, min_split_len, max_context, out.stride(0), out.stride(1),
             HEAD_DIM=head_dim, BLOCK_N=config.block_n, SPLITS_BLOCK=REDUCE_SPLITS_BLOCK, num_warps=4, **pdl_reduce,

@@ -14,6 +14,7 @@ import torch
 import triton
 
 FUSE_KV_WRITE = os.environ.get("INFER_FUSE_KV_WRITE", "1") != "0"  # A/B switch for benchmarks
+COMBINE_IN_PARTIAL = os.environ.get("INFER_DECODE_COMBINE", "1") != "0"  # A/B switch for benchmarks
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,3 +81,16 @@ def choose_num_splits(
 ) -> int:
     """Splits per sequence on ``device`` (see ``plan_splits``)."""
     return plan_splits(num_seqs, num_kv_heads, max_context, sm_count(device), config)[0]
+
+
+def combine_in_partial(num_seqs: int, num_kv_heads: int, num_splits: int, device: torch.device) -> bool:
+    """Whether the last split of each (sequence, kv head) to finish combines the partials itself,
+    instead of a separate reduce kernel.
+
+    Only in the latency-bound regime (fewer (sequence, kv head) pairs than SMs, i.e. batch 1-16 at
+    8 kv heads), where the reduce is a whole dependent launch for a few microseconds of work: the
+    8B step at batch 1 spent 87 us (2.4 us a layer) in it (H200, session 11). With many pairs the
+    splits are long (``min_split_tokens``) and the reduce is a small share. ``INFER_DECODE_COMBINE=0``
+    keeps the reduce kernel, for A/B runs.
+    """
+    return COMBINE_IN_PARTIAL and num_splits > 1 and num_seqs * num_kv_heads < sm_count(device)

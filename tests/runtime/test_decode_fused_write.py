@@ -132,3 +132,70 @@ def test_large_batch_keeps_old_split_choice(batch_size, width):
                      triton.cdiv(max_context, config.min_split_tokens), config.max_splits))
     assert kernels.plan_splits(batch_size, 8, max_context, H100_SMS, config) == (old, config.min_split_tokens)
     assert kernels.choose_num_splits(batch_size, 8, max_context, torch.device("cpu"), config) >= 1
+
+
+# ---- the combine in the partial kernel (no reduce launch) ----
+
+from infer.runtime.kernels import decode_attention_triton as decode_kernels  # noqa: E402
+from infer.runtime.kernels import decode_plan  # noqa: E402
+
+
+class _NoLaunch:
+    """Stands in for the reduce kernel where the test expects it not to be launched."""
+
+    def __getitem__(self, grid):
+        raise AssertionError("the reduce kernel was launched")
+
+
+def _decode(batch, scale, num_splits, fused, combine, monkeypatch):
+    """One launch with the combine forced on or off; returns (out, cache)."""
+    monkeypatch.setattr(decode_kernels, "combine_in_partial", lambda *a: combine and a[2] > 1)
+    if combine:
+        monkeypatch.setattr(decode_kernels, "_decode_reduce_kernel", _NoLaunch())
+    cache = batch.cache.clone()
+    md = batch.md
+    if fused:
+        out = kernels.decode_attention_with_kv_write(batch.q, batch.k, batch.v, cache, md.slot_mapping, md.seq_lens,
+                                                     md.block_tables, scale, config=CONFIG, num_splits=num_splits)
+    else:
+        kernels.write_kv_cache(batch.k, batch.v, cache, md.slot_mapping)
+        out = kernels.decode_attention(batch.q, cache, md.seq_lens, md.block_tables, scale, config=CONFIG,
+                                       num_splits=num_splits)
+    monkeypatch.undo()
+    return out, cache
+
+
+@pytest.mark.parametrize("fused", [False, True])
+@pytest.mark.parametrize("num_splits", [2, 3, None])
+@pytest.mark.parametrize("name", ["split_and_page_ends", "mid_page", "wide_table", "with_padding"])
+def test_combine_in_partial_matches_the_reduce_kernel(name, num_splits, fused, monkeypatch):
+    """The last split to arrive combines exactly as the reduce kernel does (bit-identical under the
+    interpreter), padding sequences (length 0) still get zeros, and the counters are left at zero."""
+    lengths, width = LENGTHS.get(name, ([20, 0, 33, 0], None))
+    batch = make_batch([1] * len(lengths), [max(n, 1) for n in lengths], 4, 2, 64, 16, device=DEVICE, width=width,
+                       seed=7)
+    batch.md.seq_lens[:] = torch.tensor(lengths, dtype=batch.md.seq_lens.dtype)
+    out, cache = _decode(batch, 0.125, num_splits, fused, True, monkeypatch)
+    two, two_cache = _decode(batch, 0.125, num_splits, fused, False, monkeypatch)
+    torch.testing.assert_close(cache, two_cache, equal_nan=True, rtol=0, atol=0)
+    torch.testing.assert_close(out, two, **SAME)
+    ref = attend_reference(batch.q, cache, 0.125, batch.md)
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
+    empty = [i for i, n in enumerate(lengths) if n == 0]
+    if empty:
+        assert out[empty].abs().max() == 0
+    for buffers in decode_kernels._COUNTERS.values():
+        assert all(int(b.abs().sum()) == 0 for b in buffers)
+
+
+def test_combine_in_partial_only_for_few_sequences(monkeypatch):
+    """Batch 1-16 at 8 kv heads on 132 SMs combine in the partial kernel; batch 17 and up, one split,
+    or INFER_DECODE_COMBINE=0 keep the reduce kernel."""
+    monkeypatch.setattr(decode_plan, "sm_count", lambda device: H100_SMS)
+    cpu = torch.device("cpu")
+    assert decode_plan.combine_in_partial(1, 8, 9, cpu)
+    assert decode_plan.combine_in_partial(16, 8, 2, cpu)
+    assert not decode_plan.combine_in_partial(17, 8, 2, cpu)
+    assert not decode_plan.combine_in_partial(1, 8, 1, cpu)
+    monkeypatch.setattr(decode_plan, "COMBINE_IN_PARTIAL", False)
+    assert not decode_plan.combine_in_partial(1, 8, 9, cpu)
