@@ -279,13 +279,20 @@ class _Launches:
     def __init__(self) -> None:
         self.seen: set[tuple] = set()
 
+        self.pdl: list[bool] = []
+
     def __getitem__(self, grid):
-        return lambda *args, **kwargs: self.seen.add(tuple(sorted(kwargs.items())))
+        def launch(*args, **kwargs):
+            self.pdl.append(bool(kwargs.pop("launch_pdl", False)) and kwargs.pop("USE_PDL"))
+            kwargs.pop("USE_PDL", None)
+            self.seen.add(tuple(sorted(kwargs.items())))
+        return launch
 
 
 @pytest.mark.parametrize("hidden", [8, 128, 1024, 4096])
 def test_launch_parameters_do_not_depend_on_token_count(kern, monkeypatch, hidden):
-    """CUDA-graph capture runs every capture size: each must reuse one compiled variant."""
+    """CUDA-graph capture runs every capture size: each must reuse one compiled variant (apart
+    from the PDL flag, which tells decode-sized steps from larger ones)."""
     norm, act = kern
     norm_launches, act_launches = _Launches(), _Launches()
     monkeypatch.setattr(norm, "_rms_norm_kernel", norm_launches)
@@ -297,3 +304,21 @@ def test_launch_parameters_do_not_depend_on_token_count(kern, monkeypatch, hidde
         act.silu_and_mul_triton(x, x)
     assert len(norm_launches.seen) == 2  # with and without the residual
     assert len(act_launches.seen) == 1
+
+
+def test_decode_sized_launches_join_the_pdl_chain(kern, monkeypatch):
+    """On a PDL device, norms and SiLU-and-mul of at most PDL_MAX_ROWS rows launch with PDL (they sit
+    between GEMVs that trigger their dependents early); larger ones, after cuBLAS GEMMs, do not."""
+    from infer.runtime.kernels import pdl
+    norm, act = kern
+    monkeypatch.setattr(pdl, "pdl_enabled", lambda device: True)
+    norm_launches, act_launches = _Launches(), _Launches()
+    monkeypatch.setattr(norm, "_rms_norm_kernel", norm_launches)
+    monkeypatch.setattr(act, "_silu_and_mul_kernel", act_launches)
+    for rows in (1, pdl.PDL_MAX_ROWS, pdl.PDL_MAX_ROWS + 1):
+        x = torch.randn(rows, 64)
+        norm.rms_norm_triton(x, None, EPS, True, x.dtype)
+        norm.fused_add_rms_norm_triton(x, x, None, EPS, True, x.dtype)
+        act.silu_and_mul_triton(x, x)
+    assert norm_launches.pdl == [True, True, True, True, False, False]
+    assert act_launches.pdl == [True, True, False]
