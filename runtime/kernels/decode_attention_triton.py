@@ -33,8 +33,8 @@ length 0 (CUDA-graph padding) produces zeros.
 
 Compile count: ints that change with the batch size (``num_splits``, ``min_split_len``,
 ``num_slots``) or the block-table width (``stride_bt``) are ``do_not_specialize`` runtime
-arguments and no constexpr depends on the batch, so capturing ~35 batch sizes compiles each kernel
-once per head/dtype shape, not once per size. Nor does any argument follow the cache's block count
+arguments and the only constexpr that follows the batch is ``COMBINE`` (few sequences or many), so
+capturing ~35 batch sizes compiles the partial kernel twice per head/dtype shape, not once per size. Nor does any argument follow the cache's block count
 (:mod:`.kv_layout`).
 """
 from __future__ import annotations
