@@ -200,3 +200,28 @@ def test_static_compiled_falls_back_to_graph_breaks(monkeypatch):
     ms, startup, extra = decode._time_hf(table, "hf-static-compiled", None, 1, 16, settings)
     assert (ms, startup, extra["fullgraph"]) == (2.0, 0.5, False) and "graph break" in extra["fullgraph_error"]
     assert any("fullgraph=False" in n for n in table.notes)
+
+
+def test_step_breakdown_skips_exactly_the_named_kernels_and_restores_them():
+    """Every kind names kernels that exist (a rename would break the breakdown silently otherwise);
+    inside the block they launch nothing, afterwards the real kernels are back; unknown kinds are
+    refused by name."""
+    import importlib
+
+    from infer.benchmarks import step_breakdown as sb
+
+    kernels = {(m, a): getattr(importlib.import_module(f"infer.runtime.kernels.{m}"), a)
+               for spec in sb.KINDS.values() for m, a in spec}
+    assert all(hasattr(k, "__getitem__") and not isinstance(k, sb._NoLaunch) for k in kernels.values())
+    with sb.kernels_skipped(["rms_norm", "decode_attention"]):
+        for (m, a), kernel in kernels.items():
+            now = getattr(importlib.import_module(f"infer.runtime.kernels.{m}"), a)
+            skipped = a in ("_rms_norm_kernel", "_decode_partial_kernel", "_decode_reduce_kernel")
+            assert isinstance(now, sb._NoLaunch) == skipped, a
+            if skipped:
+                assert now[(1,)](1, 2, x=3) is None
+    for (m, a), kernel in kernels.items():
+        assert getattr(importlib.import_module(f"infer.runtime.kernels.{m}"), a) is kernel
+    with pytest.raises(ValueError, match="'gemv'"):
+        with sb.kernels_skipped(["gemv"]):
+            pass
