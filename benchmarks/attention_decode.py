@@ -31,21 +31,13 @@ STREAM_BYTES = 256 << 20  # K/V bytes the copies of a case hold together (L2 is 
 MAX_COPIES = 64
 MIN_LAUNCHES = 8  # per graph replay: the host's graph launch is spread over these
 PATHS = ("decode", "write+decode", "fused")
-COPY_BYTES = 2 << 30
 CHECK_SEQS = 8
 
 
-def _time_ms(fn, iters: int) -> float:
-    """Median milliseconds of ``fn`` over ``iters`` runs (after a warm-up), with CUDA events."""
-    from .harness import median_ms
-    return median_ms(fn, "cuda", iters)
-
-
-def copy_bandwidth_gbps(iters: int = 20) -> float:
-    src = torch.empty(COPY_BYTES // 2, dtype=torch.bfloat16, device="cuda").normal_()
-    dst = torch.empty_like(src)
-    ms = _time_ms(lambda: dst.copy_(src), iters)
-    return 2 * COPY_BYTES / (ms * 1e-3) / 1e9
+def copy_bandwidth_gbps() -> float:
+    """GB/s of the standard 2 GiB bf16 device copy (:func:`infer.benchmarks.floor.copy_bandwidth`)."""
+    from .floor import copy_bandwidth
+    return copy_bandwidth("cuda")
 
 
 def make_decode_batch(batch: int, context: int, block_size: int, hq: int, hkv: int, d: int, seed: int = 0):

@@ -54,14 +54,9 @@ MODES = {  # name -> compile options (None = eager PyTorch, no compile); full-*:
 
 
 def copy_bandwidth() -> float:
-    src = torch.randn(1 << 30, device="cuda", dtype=torch.bfloat16)
-    dst = torch.empty_like(src)
-    times = []
-    for _ in range(20):
-        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        s.record(); dst.copy_(src); e.record(); e.synchronize()
-        times.append(s.elapsed_time(e))
-    return 2 * src.numel() * 2 / (statistics.median(times) * 1e-3) / 1e9
+    """GB/s of the standard 2 GiB bf16 device copy (:func:`infer.benchmarks.floor.copy_bandwidth`)."""
+    from .floor import copy_bandwidth as measure  # floor imports this module
+    return measure("cuda")
 
 
 def qwen3_config(shape: str) -> transformers.Qwen3Config:

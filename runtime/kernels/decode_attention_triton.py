@@ -44,7 +44,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .decode_plan import DecodeConfig, combine_in_partial, plan_splits, sm_count
+from .decode_plan import DecodeConfig, combine_in_partial, latency_bound, plan_splits, sm_count
 from .kv_layout import cache_halves, cache_strides
 from .pdl import pdl_launch_options
 
@@ -317,7 +317,7 @@ def _launch(
     # kernel); the reduce kernel only in the latency-bound regime: at batch 64 an early-scheduled
     # reduce took SM slots from the partial kernel and the 0.6B step lost 0.13 ms (H200).
     pdl = pdl_launch_options(q.device)
-    pdl_reduce = pdl_launch_options(q.device, enable=num_seqs * num_kv_heads < sm_count(q.device))
+    pdl_reduce = pdl_launch_options(q.device, enable=latency_bound(num_seqs, num_kv_heads, q.device))
     _decode_partial_kernel[(num_seqs, num_kv_heads, splits)](
         q, k, v, *cache_halves(kv_cache), slots, block_tables, seq_lens, out, part_o, part_lse,
         counters if counters is not None else seq_lens, scale * LOG2E, splits, min_split_len, max_context, slots.shape[0],

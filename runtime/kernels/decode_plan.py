@@ -83,6 +83,12 @@ def choose_num_splits(
     return plan_splits(num_seqs, num_kv_heads, max_context, sm_count(device), config)[0]
 
 
+def latency_bound(num_seqs: int, num_kv_heads: int, device: torch.device) -> bool:
+    """Fewer (sequence, kv head) pairs than SMs: a decode launch is latency-bound (short splits,
+    reduce under PDL, the combine in the partial kernel)."""
+    return num_seqs * num_kv_heads < sm_count(device)
+
+
 def combine_in_partial(num_seqs: int, num_kv_heads: int, num_splits: int, device: torch.device) -> bool:
     """Whether the last split of each (sequence, kv head) to finish combines the partials itself,
     instead of a separate reduce kernel.
@@ -93,4 +99,4 @@ def combine_in_partial(num_seqs: int, num_kv_heads: int, num_splits: int, device
     splits are long (``min_split_tokens``) and the reduce is a small share. ``INFER_DECODE_COMBINE=0``
     keeps the reduce kernel, for A/B runs.
     """
-    return COMBINE_IN_PARTIAL and num_splits > 1 and num_seqs * num_kv_heads < sm_count(device)
+    return COMBINE_IN_PARTIAL and num_splits > 1 and latency_bound(num_seqs, num_kv_heads, device)

@@ -283,8 +283,9 @@ class _Launches:
 
     def __getitem__(self, grid):
         def launch(*args, **kwargs):
-            self.pdl.append(bool(kwargs.pop("launch_pdl", False)) and kwargs.pop("USE_PDL"))
-            kwargs.pop("USE_PDL", None)
+            pdl = kwargs.pop("USE_PDL", False)
+            assert kwargs.pop("launch_pdl", False) == pdl  # the constexpr and the launch flag agree
+            self.pdl.append(pdl)
             self.seen.add(tuple(sorted(kwargs.items())))
         return launch
 
