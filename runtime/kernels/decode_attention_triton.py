@@ -44,13 +44,13 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from .counters import arrival_counters
 from .decode_plan import DecodeConfig, combine_in_partial, latency_bound, plan_splits, sm_count
 from .kv_layout import cache_halves, cache_strides
 from .pdl import pdl_launch_options
 
 LOG2E = 1.4426950408889634
 REDUCE_SPLITS_BLOCK = 16  # partials combined per reduce iteration (fixed: no recompile per batch size)
-_COUNTERS: dict[tuple[str, int], list[Tensor]] = {}  # device -> arrival-counter buffers, newest last
 
 
 @triton.jit
@@ -269,22 +269,6 @@ def _check_decode_shapes(q: Tensor, kv_cache: Tensor, block_tables: Tensor) -> N
                          f"{block_tables.shape[0]} sequences")
 
 
-def _arrival_counters(device: torch.device, n: int) -> Tensor | None:
-    """A zeroed int32 buffer of at least ``n`` arrival counters on ``device``, or None while a CUDA
-    graph is being captured and no buffer is large enough (the launch then keeps the reduce kernel).
-
-    Launches leave the counters at zero. A buffer is never freed or replaced: graphs captured with
-    it keep its address, so a larger need adds a new one."""
-    index = device.index if device.index is not None or device.type != "cuda" else torch.cuda.current_device()
-    buffers = _COUNTERS.setdefault((device.type, index or 0), [])
-    if buffers and buffers[-1].numel() >= n:
-        return buffers[-1]
-    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-        return None
-    buffers.append(torch.zeros(max(n, sm_count(device)), dtype=torch.int32, device=device))
-    return buffers[-1]
-
-
 def _launch(
     q: Tensor, kv_cache: Tensor, seq_lens: Tensor, block_tables: Tensor, scale: float, out: Tensor | None,
     config: DecodeConfig | None, num_splits: int | None, new_kv: tuple[Tensor, Tensor, Tensor] | None,
@@ -312,7 +296,7 @@ def _launch(
     k, v, slots = new_kv if new_kv is not None else (q, q, seq_lens)  # placeholders, unused without the write
     counters = None
     if combine_in_partial(num_seqs, num_kv_heads, splits, q.device):
-        counters = _arrival_counters(q.device, num_seqs * num_kv_heads)  # None while capturing a new size
+        counters = arrival_counters(q.device, num_seqs * num_kv_heads)  # None while capturing a new size
     # The partial kernel always launches with PDL (its set-up and first tile overlap the previous
     # kernel); the reduce kernel only in the latency-bound regime: at batch 64 an early-scheduled
     # reduce took SM slots from the partial kernel and the 0.6B step lost 0.13 ms (H200).

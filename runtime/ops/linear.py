@@ -10,13 +10,18 @@ gated activation. Each computes exactly its unfused chain (same ops, same roundi
                                                    where (n, s) = fused_add_rms_norm(x, r, nw, eps, c, dt)
     silu_mul_linear(g, u, W, b)                  = linear(silu_and_mul(g, u), W, b)
 
-On CUDA, a batch of at most ``MAX_ROWS`` rows (decode at small batch) runs one Triton kernel that
-streams the weight once and forms its input on the fly (:mod:`infer.runtime.kernels.gemv_triton`);
-larger batches run the unfused chain (Triton prologue, cuBLAS GEMM). Every other device runs the
-plain-torch chain. The choice depends on the row count only, so a CUDA graph captured at one
-batch size always replays the same kernels.
+On CUDA, a batch of at most ``GEMV_MAX_ROWS`` rows (decode at small batch) runs one Triton kernel
+that streams the weight once and forms its input on the fly (:mod:`infer.runtime.kernels.gemv_triton`).
+Up to ``SKINNY_MAX_ROWS`` rows, weights of at most ``SKINNY_MAX_WEIGHT`` elements go through the
+Triton skinny GEMM (:mod:`infer.runtime.kernels.skinny_gemm_triton`), after the prologue's own
+kernel. Larger batches run the unfused chain (Triton
+prologue, cuBLAS GEMM). Every other device runs the plain-torch chain. The choice depends on the
+row count and the tensors' shapes and alignment only, so a CUDA graph captured at one batch size
+always replays the same kernels. ``INFER_SKINNY_GEMM=0`` keeps cuBLAS (A/B benchmarks).
 """
 from __future__ import annotations
+
+import os
 
 import torch
 import torch.nn.functional as F
@@ -29,6 +34,10 @@ GEMV_MAX_ROWS = 2  # above this cuBLAS wins (H200: the kernel re-streams x per r
 # small (Qwen3-0.6B projections, 2-6M elements); for 8B-sized weights the unfused chain is faster.
 PROLOGUE_MAX_WEIGHT = 8 << 20
 _GEMV_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+SKINNY_MAX_ROWS = 64  # = skinny_gemm_triton.MAX_ROWS; above it cuBLAS's large tiles win
+# Measured on the 0.6B projections (2-6M elements); 8B-sized weights stream at ~2.5 TB/s through
+# cuBLAS at these batch sizes already and stay there.
+SKINNY_MAX_WEIGHT = 8 << 20
 
 _NORM_ARGS = "Tensor? norm_weight, float eps, bool cast_before_weight, ScalarType norm_dtype"
 _LINEAR_ARGS = "Tensor weight, Tensor? bias"
@@ -63,6 +72,21 @@ def _use_gemv(x: torch.Tensor, weight: torch.Tensor, *others: torch.Tensor | Non
     return x.dtype in _GEMV_DTYPES and all(t.dtype == x.dtype and t.stride(-1) == 1 for t in tensors)
 
 
+def _use_skinny(x: torch.Tensor, weight: torch.Tensor, *others: torch.Tensor | None) -> bool:
+    """The Triton skinny GEMM runs for ``GEMV_MAX_ROWS < M <= SKINNY_MAX_ROWS`` rows of tensors it tiles."""
+    if not (x.is_cuda and GEMV_MAX_ROWS < x.shape[0] <= SKINNY_MAX_ROWS):
+        return False
+    if os.environ.get("INFER_SKINNY_GEMM", "1") == "0":
+        return False
+    from ..kernels.skinny_gemm_triton import supports  # lazy: triton is imported on first CUDA use
+    return supports(x, weight, *others, max_weight=SKINNY_MAX_WEIGHT)
+
+
+def _skinny(*args, **kwargs):
+    from ..kernels.skinny_gemm_triton import skinny_gemm
+    return skinny_gemm(*args, **kwargs)
+
+
 def _gemv(*args, **kwargs):
     from ..kernels.gemv_triton import gemv  # lazy: triton is imported on first CUDA use
     return gemv(*args, **kwargs)
@@ -80,9 +104,11 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> 
 
 
 def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """Triton GEMV for few rows, cuBLAS otherwise."""
+    """Triton GEMV for a few rows, the Triton skinny GEMM for a few dozen, cuBLAS otherwise."""
     if _use_gemv(x, weight, bias, prologue=False):
         return _gemv(x, weight, bias)[0]
+    if _use_skinny(x, weight, bias):
+        return _skinny(x, weight, bias)
     return F.linear(x, weight, bias)
 
 

@@ -138,6 +138,7 @@ def test_large_batch_keeps_old_split_choice(batch_size, width):
 
 from infer.runtime.kernels import decode_attention_triton as decode_kernels  # noqa: E402
 from infer.runtime.kernels import decode_plan  # noqa: E402
+from infer.runtime.kernels import counters  # noqa: E402
 
 
 class _NoLaunch:
@@ -184,8 +185,7 @@ def test_combine_in_partial_matches_the_reduce_kernel(name, num_splits, fused, m
     empty = [i for i, n in enumerate(lengths) if n == 0]
     if empty:
         assert out[empty].abs().max() == 0
-    for buffers in decode_kernels._COUNTERS.values():
-        assert all(int(b.abs().sum()) == 0 for b in buffers)
+    assert all(int(b.abs().sum()) == 0 for b in counters.all_buffers())
 
 
 def test_combine_in_partial_only_for_few_sequences(monkeypatch):
