@@ -5,7 +5,8 @@
 Each case is a chain of ``--layers`` projections of one shape, every one with its own weight (so
 that L2 cannot serve them), back to back in one CUDA graph, as in a captured decode step: the
 kernel launches with PDL there, and its first weight tile overlaps the launch before it. ``--sweep``
-also times a grid of tiles and prints the best, which is how ``skinny_gemm_triton.TUNED`` was set.
+also times a grid of tiles and prints the best, which is how ``skinny_gemm_triton.TUNED`` was set
+(shapes not in it stay on cuBLAS in the op layer; the table then shows the rule's tile).
 """
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from ..runtime.kernels.skinny_gemm_triton import SkinnyConfig, choose_config, rule_config, skinny_gemm
+from ..runtime.kernels.skinny_gemm_triton import SkinnyConfig, rule_config, skinny_gemm, tuned_config
 from .decode_step import copy_bandwidth
 from .harness import graph_ms_per_call
 
@@ -55,7 +56,7 @@ def run_case(n: int, k: int, m: int, layers: int, sweep: bool, seconds: float) -
 
     row = dict(n=n, k=k, rows=m, layers=layers)
     row["cublas_us"], _ = time_us(None)
-    chosen = choose_config(m, n, k)  # None: the op layer keeps cuBLAS for this shape
+    chosen = tuned_config(m, n, k)  # None: the op layer keeps cuBLAS for this shape
     row["config"] = label(chosen) if chosen else "cuBLAS (" + label(rule_config(m, n, k)) + ")"
     row["us"], row["rel_err"] = time_us(chosen or rule_config(m, n, k))
     if sweep:

@@ -62,7 +62,7 @@ def _dot(w, a, acc, DOT_F32: tl.constexpr):
     return tl.dot(w, tl.trans(a), acc)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["M"])  # one compiled variant per row bucket, not two
 def _skinny_gemm_kernel(
     a_src, w_src, a_ptr, w_ptr, b_ptr, y_ptr, part_ptr, counter_ptr, M, N, K_SPLIT, stride_a, stride_w, stride_y,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
@@ -111,8 +111,9 @@ def _aligned(t: torch.Tensor) -> bool:
 
 def supports(a: torch.Tensor, weight: torch.Tensor, *others: torch.Tensor | None, max_weight: int) -> bool:
     """Whether the kernel takes ``a [M, K] @ weight[N, K].T``: CUDA, ``0 < M <= MAX_ROWS``, bf16/fp16,
-    ``N % 16 == 0``, ``K % 64 == 0``, aligned rows, at most ``max_weight`` weight elements, and not a
-    shape where cuBLAS measured faster."""
+    ``N % 16 == 0``, ``K % 64 == 0``, aligned rows, at most ``max_weight`` weight elements, and a
+    shape measured faster than cuBLAS (``TUNED``). Unmeasured shapes (other models, tensor-parallel
+    shards) stay on cuBLAS: :func:`rule_config`'s tiles lost to it on three of SmolLM2's four."""
     if not (a.is_cuda and a.dim() == 2 and 0 < a.shape[0] <= MAX_ROWS and a.dtype in DTYPES):
         return False
     n, k = weight.shape
@@ -121,7 +122,7 @@ def supports(a: torch.Tensor, weight: torch.Tensor, *others: torch.Tensor | None
     tensors = [a, weight] + [t for t in others if t is not None]
     if not (all(t.dtype == a.dtype for t in tensors) and all(_aligned(t) for t in tensors if t.dim() == 2)):
         return False
-    return choose_config(a.shape[0], n, k) is not None
+    return tuned_config(a.shape[0], n, k) is not None
 
 
 # (rows rounded up to 16/32/64, N, K) -> (block_n, block_k, split_k, num_warps, num_stages, tma), or
@@ -143,13 +144,15 @@ TUNED: dict[tuple[int, int, int], tuple[int, int, int, int, int, bool] | None] =
 MIN_PROGRAMS = 128  # the tuned tiles launch 64-256 programs
 
 
-def choose_config(m: int, n: int, k: int) -> SkinnyConfig | None:
-    """The tuned tile of a measured shape (None: cuBLAS is faster there), else :func:`rule_config`."""
-    rows = max(16, triton.next_power_of_2(m))
-    if (rows, n, k) in TUNED:
-        tuned = TUNED[(rows, n, k)]
-        return None if tuned is None else SkinnyConfig(*tuned)
-    return rule_config(m, n, k)
+def tuned_config(m: int, n: int, k: int) -> SkinnyConfig | None:
+    """The tuned tile of a shape measured faster than cuBLAS, else None."""
+    tuned = TUNED.get((max(16, triton.next_power_of_2(m)), n, k))
+    return None if tuned is None else SkinnyConfig(*tuned)
+
+
+def choose_config(m: int, n: int, k: int) -> SkinnyConfig:
+    """The tuned tile where there is one, else :func:`rule_config` (direct calls, sweeps)."""
+    return tuned_config(m, n, k) or rule_config(m, n, k)
 
 
 def rule_config(m: int, n: int, k: int) -> SkinnyConfig:
@@ -180,7 +183,7 @@ def skinny_gemm(a: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     y = torch.empty(m, n, dtype=weight.dtype, device=a.device)
     if m == 0 or n == 0:
         return y
-    cfg = config or choose_config(m, n, k) or rule_config(m, n, k)
+    cfg = config or choose_config(m, n, k)
     if n % cfg.block_n or k % (cfg.split_k * cfg.block_k):
         raise ValueError(f"config {cfg} does not tile a [{n}, {k}] weight")
     counters = arrival_counters(a.device, n // cfg.block_n) if cfg.split_k > 1 else None

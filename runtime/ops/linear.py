@@ -12,9 +12,9 @@ gated activation. Each computes exactly its unfused chain (same ops, same roundi
 
 On CUDA, a batch of at most ``GEMV_MAX_ROWS`` rows (decode at small batch) runs one Triton kernel
 that streams the weight once and forms its input on the fly (:mod:`infer.runtime.kernels.gemv_triton`).
-Up to ``SKINNY_MAX_ROWS`` rows, weights of at most ``SKINNY_MAX_WEIGHT`` elements go through the
-Triton skinny GEMM (:mod:`infer.runtime.kernels.skinny_gemm_triton`), after the prologue's own
-kernel. Larger batches run the unfused chain (Triton prologue, cuBLAS GEMM). Every other device
+Up to ``SKINNY_MAX_ROWS`` rows, weights of at most ``SKINNY_MAX_WEIGHT`` elements whose shape was
+measured faster than cuBLAS go through the Triton skinny GEMM
+(:mod:`infer.runtime.kernels.skinny_gemm_triton`), after the prologue's own kernel. Larger batches run the unfused chain (Triton prologue, cuBLAS GEMM). Every other device
 runs the plain-torch chain. The choice depends on the row count and the tensors' shapes and
 alignment only, so a CUDA graph captured at one batch size always replays the same kernels.
 ``INFER_SKINNY_GEMM=0`` keeps cuBLAS (A/B benchmarks).

@@ -47,11 +47,10 @@ def test_split_partials_sum_in_split_order():
 @pytest.mark.parametrize("rows", [3, 16, 17, 32, 40, 64])
 @pytest.mark.parametrize("n, k", QWEN_06B + SMOLLM2 + OTHER, ids=str)
 def test_chosen_tiles_fit_the_weight(n, k, rows):
-    tuned = (max(16, 1 << (rows - 1).bit_length()), n, k) in sk.TUNED
+    key = (max(16, 1 << (rows - 1).bit_length()), n, k)
+    tuned = key in sk.TUNED
     cfg = choose_config(rows, n, k)
-    if cfg is None:  # measured: cuBLAS is faster
-        assert tuned and sk.TUNED[(max(16, 1 << (rows - 1).bit_length()), n, k)] is None
-        cfg = sk.rule_config(rows, n, k)
+    assert (sk.tuned_config(rows, n, k) is not None) == (tuned and sk.TUNED[key] is not None)
     assert n % cfg.block_n == 0 and k % (cfg.split_k * cfg.block_k) == 0
     assert cfg.block_n * cfg.block_k <= 16384
     if not tuned:
@@ -67,25 +66,28 @@ def test_tuned_tiles_are_the_measured_projections():
     assert [key for key, cfg in sk.TUNED.items() if cfg is None] == [(r, 3072, 576) for r in (16, 32, 64)]
 
 
-def test_supports_only_what_it_tiles():
+def test_supports_only_measured_shapes_it_tiles():
     meta = dict(device="meta", dtype=torch.bfloat16)
-    w = torch.empty(64, 256, **meta)
     fake_cuda = lambda t: type("T", (), {"is_cuda": True, "dim": t.dim, "shape": t.shape, "dtype": t.dtype,  # noqa: E731
                                           "stride": t.stride, "element_size": t.element_size,
                                           "data_ptr": lambda self=None: 0})()
-    ok = fake_cuda(torch.empty(8, 256, **meta))
-    assert sk.supports(ok, w, max_weight=1 << 20)
-    assert not sk.supports(torch.empty(8, 256, dtype=torch.bfloat16), w, max_weight=1 << 20)  # not CUDA
-    assert not sk.supports(fake_cuda(torch.empty(MAX_ROWS + 1, 256, **meta)), w, max_weight=1 << 20)
-    assert not sk.supports(ok, w, max_weight=64 * 256 - 1)  # weight too large
-    assert not sk.supports(ok, torch.empty(40, 256, **meta), max_weight=1 << 20)  # N % 16
-    assert not sk.supports(ok, torch.empty(64, 200, **meta), max_weight=1 << 20)  # K % 64
-    assert not sk.supports(fake_cuda(torch.empty(8, 256, device="meta")), w.float(), max_weight=1 << 20)  # fp32
-    odd = fake_cuda(torch.empty(8, 300, **meta)[:, :256])  # row stride of 600 bytes: not TMA aligned
-    assert not sk.supports(odd, w, max_weight=1 << 20)
+    w = torch.empty(1024, 2048, **meta)  # Qwen3-0.6B's o projection
+    big = 1 << 22
+    ok = fake_cuda(torch.empty(8, 2048, **meta))
+    assert sk.supports(ok, w, max_weight=big)
+    assert not sk.supports(torch.empty(8, 2048, dtype=torch.bfloat16), w, max_weight=big)  # not CUDA
+    assert not sk.supports(fake_cuda(torch.empty(MAX_ROWS + 1, 2048, **meta)), w, max_weight=big)
+    assert not sk.supports(ok, w, max_weight=1024 * 2048 - 1)  # weight too large
+    assert not sk.supports(ok, torch.empty(1000, 2048, **meta), max_weight=big)  # N % 16
+    assert not sk.supports(fake_cuda(torch.empty(8, 2000, **meta)), torch.empty(1024, 2000, **meta), max_weight=big)
+    assert not sk.supports(fake_cuda(torch.empty(8, 2048, device="meta")), w.float(), max_weight=big)  # fp32
+    odd = fake_cuda(torch.empty(8, 2052, **meta)[:, :2048])  # row stride of 4104 bytes: not TMA aligned
+    assert not sk.supports(odd, w, max_weight=big)
     gate_up = torch.empty(3072, 576, **meta)  # SmolLM2's gate_up: cuBLAS measured faster
-    assert not sk.supports(fake_cuda(torch.empty(8, 576, **meta)), gate_up, max_weight=1 << 22)
-    assert sk.supports(fake_cuda(torch.empty(8, 576, **meta)), torch.empty(960, 576, **meta), max_weight=1 << 22)
+    assert not sk.supports(fake_cuda(torch.empty(8, 576, **meta)), gate_up, max_weight=big)
+    assert sk.supports(fake_cuda(torch.empty(8, 576, **meta)), torch.empty(960, 576, **meta), max_weight=big)
+    shard = torch.empty(2048, 1024, **meta)  # a tensor-parallel shard of 0.6B's qkv: not measured
+    assert not sk.supports(fake_cuda(torch.empty(8, 1024, **meta)), shard, max_weight=big)
 
 
 def test_too_many_rows_and_untileable_config_are_errors():
@@ -99,14 +101,16 @@ def test_too_many_rows_and_untileable_config_are_errors():
 @pytest.mark.parametrize("rows", [3, 8, 16, 33, 64])
 @pytest.mark.parametrize("n, k", QWEN_06B + SMOLLM2 + OTHER, ids=str)
 def test_linear_op_takes_the_skinny_gemm_on_cuda(n, k, rows, monkeypatch):
-    """``infer::linear`` runs the kernel for 3-64 rows of a small weight (except where cuBLAS measured
-    faster) and matches cuBLAS; with INFER_SKINNY_GEMM=0 it is cuBLAS itself."""
+    """``infer::linear`` runs the kernel for 3-64 rows of the measured shapes (not SmolLM2's gate_up,
+    where cuBLAS measured faster, nor unmeasured ones) and matches cuBLAS; with INFER_SKINNY_GEMM=0
+    it is cuBLAS itself."""
     calls = []
     monkeypatch.setattr(L, "_skinny", lambda *a, **kw: calls.append(a[0].shape[0]) or skinny_gemm(*a, **kw))
     x = torch.randn(rows, k, device="cuda", dtype=torch.bfloat16)
     w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.05
     y = torch.ops.infer.linear(x, w, None)
-    expected_calls = [] if (n, k) == (3072, 576) else [rows]  # SmolLM2's gate_up stays on cuBLAS
+    expected_calls = [rows] if sk.tuned_config(rows, n, k) is not None else []  # else cuBLAS
+    assert expected_calls == [rows] or (n, k) not in QWEN_06B
     assert calls == expected_calls
     torch.testing.assert_close(y.float(), reference(x, w, None), atol=2e-2, rtol=1e-2)
     monkeypatch.setenv("INFER_SKINNY_GEMM", "0")
