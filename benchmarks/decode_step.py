@@ -12,7 +12,6 @@ its ratios ~0.1 ms per step too good at 0.6B; the harness's ``decode`` scenario 
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
 
@@ -23,6 +22,7 @@ from ..compiler.stages import compile_stages
 from ..models.qwen import Qwen3ForCausalLM
 from ..runtime.attention import Attention, AttentionMetadata, forward_context
 from ..runtime.engine.model_runner import StepGraph
+from .harness import write_rows
 
 SHAPES = {
     "0.6b": dict(hidden_size=1024, num_hidden_layers=28, num_attention_heads=16, num_key_value_heads=8,
@@ -174,9 +174,7 @@ def main() -> None:
              "|---|---|---|---|---|---|---|---|"]
     lines += [f"| {r['shape']} | {r['mode']} | {r['batch']} | {r['context']} | {r['ms']:.3f} | "
               f"{r['floor_ms']:.3f} | {r['ratio']:.2f} | {r['startup_s']:.1f} |" for r in rows]
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(dict(copy_gbps=bw, rows=rows), f, indent=1)
+    write_rows(args.out, rows, copy_gbps=bw)
     print("\n".join(lines))
 
 

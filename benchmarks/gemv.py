@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
 
 import torch
 import torch.nn.functional as F
@@ -19,7 +18,7 @@ import torch.nn.functional as F
 from ..runtime import ops  # noqa: F401  (registers torch.ops.infer.*)
 from ..runtime.kernels.gemv_triton import GemvConfig, choose_config, gemv
 from .decode_step import copy_bandwidth
-from .harness import graph_ms_per_call
+from .harness import graph_ms_per_call, write_rows
 
 SHAPES = {  # name -> (N, K) of the projection weight
     "0.6b qkv": (4096, 1024), "0.6b o": (1024, 2048), "0.6b gate_up": (6144, 1024), "0.6b down": (1024, 3072),
@@ -141,23 +140,19 @@ def main() -> None:
             print(f"| {shape} | {args.chain} | {m} | {r['weight_mb']:.0f} | " + " | ".join(
                 f"{r[k + '_us']:.1f} | {r[k + '_gbps'] / copy:.0%}" for k in ("gemv_pdl", "gemv_nopdl", "cublas"))
                 + " |", flush=True)
-        if args.out:
-            with open(args.out, "w") as f:
-                json.dump(dict(copy_gbps=copy, rows=rows), f, indent=1)
+            write_rows(args.out, rows, copy_gbps=copy)
         return
     print("| shape | prologue | rows | unfused us | GB/s | gemv us | GB/s | of copy | config | best us | best config | err |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     rows = []
     for name, prologue, m in itertools.product(args.shapes, args.prologue, args.rows):
-            r = run_case(name, *SHAPES[name], m, args.sweep, prologue)
-            rows.append(r)
-            print(f"| {name} | {prologue} | {m} | {r['cublas_us']:.1f} | {r['cublas_gbps']:.0f} | {r['gemv_us']:.1f} | "
-                  f"{r['gemv_gbps']:.0f} | {r['gemv_gbps'] / copy:.0%} | {r['config']} | "
-                  f"{r.get('best_us', float('nan')):.1f} | {r.get('best_config', '')} | {r['max_abs_err']:.3g} |",
-                  flush=True)
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(dict(copy_gbps=copy, rows=rows), f, indent=1)
+        r = run_case(name, *SHAPES[name], m, args.sweep, prologue)
+        rows.append(r)
+        print(f"| {name} | {prologue} | {m} | {r['cublas_us']:.1f} | {r['cublas_gbps']:.0f} | {r['gemv_us']:.1f} | "
+              f"{r['gemv_gbps']:.0f} | {r['gemv_gbps'] / copy:.0%} | {r['config']} | "
+              f"{r.get('best_us', float('nan')):.1f} | {r.get('best_config', '')} | {r['max_abs_err']:.3g} |",
+              flush=True)
+        write_rows(args.out, rows, copy_gbps=copy)
 
 
 if __name__ == "__main__":

@@ -116,6 +116,13 @@ def device_name(device: str) -> str:
     return f"cpu ({platform.processor() or platform.machine()})"
 
 
+def write_rows(path: str | None, rows: list[dict], **meta: Any) -> None:
+    """A kernel benchmark's result file: ``{"device": ..., **meta, "rows": rows}`` as JSON at ``path``
+    (nothing without one). Called after every row, a killed run keeps what it measured."""
+    if path:
+        Path(path).write_text(json.dumps(dict(device=device_name("cuda"), **meta, rows=rows), indent=1))
+
+
 def environment(device: str) -> dict[str, Any]:
     """Device, date and library versions, stored with every table."""
     env = {"device": device_name(device), "date": datetime.datetime.now().isoformat(timespec="seconds"),

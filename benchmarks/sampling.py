@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
 import statistics
 import time
 
@@ -26,6 +25,7 @@ from ..runtime.engine import sampler
 from ..runtime.engine.sampling import SamplingParams
 from ..runtime.kernels.sampling_triton import SamplingConfig, choose_config, gumbel_sample, reference_sample
 from .decode_step import copy_bandwidth
+from .harness import write_rows
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 SWEEP_BLOCKS, SWEEP_WARPS, SWEEP_SPLITS = (512, 1024, 2048, 4096), (2, 4, 8), (1, 2, 3, 4, 8, 16, 32, 64, 128)
@@ -105,9 +105,7 @@ def main() -> None:
               f"{r['torch_us'] / r['kernel_us']:.1f}x | {r['config']} | "
               f"{r['torch_host_us']:.0f} / {r['kernel_host_us']:.0f} | {r.get('best_us', float('nan')):.1f} | "
               f"{r.get('best_config', '')} | {'ok' if r['ref'] else 'MISMATCH'} |", flush=True)
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(dict(device=torch.cuda.get_device_name(), copy_gbps=copy, rows=rows), f, indent=1)
+        write_rows(args.out, rows, copy_gbps=copy)
 
 
 if __name__ == "__main__":

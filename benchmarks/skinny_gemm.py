@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
 import time
 
 import torch
@@ -20,7 +19,7 @@ import torch.nn.functional as F
 
 from ..runtime.kernels.skinny_gemm_triton import SkinnyConfig, rule_config, skinny_gemm, tuned_config
 from .decode_step import copy_bandwidth
-from .harness import graph_ms_per_call
+from .harness import graph_ms_per_call, write_rows
 
 SHAPES = {  # model -> projection -> (N, K) of the weight
     "0.6b": {"qkv": (4096, 1024), "o": (1024, 2048), "gate_up": (6144, 1024), "down": (1024, 3072)},
@@ -100,9 +99,7 @@ def main() -> None:
             print(f"| {model} | {name} | {m} | {r['cublas_us']:.2f} | {r['config']} | {r['us']:.2f} | "
                   f"{r['us'] / r['cublas_us']:.2f} | {r.get('best_us', float('nan')):.2f} | {r.get('best_config', '')} |",
                   flush=True)
-            if args.out:
-                with open(args.out, "w") as f:
-                    json.dump(dict(copy_gbps=copy, rows=rows), f, indent=1)
+            write_rows(args.out, rows, copy_gbps=copy)
 
 
 if __name__ == "__main__":

@@ -66,7 +66,7 @@ def _dot(w, a, acc, DOT_F32: tl.constexpr):
 def _skinny_gemm_kernel(
     a_src, w_src, a_ptr, w_ptr, b_ptr, y_ptr, part_ptr, counter_ptr, M, N, K_SPLIT, stride_a, stride_w, stride_y,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
-    NUM_STAGES: tl.constexpr, TMA: tl.constexpr, HAS_BIAS: tl.constexpr,
+    TMA: tl.constexpr, HAS_BIAS: tl.constexpr,
     USE_PDL: tl.constexpr, DOT_F32: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
@@ -81,7 +81,7 @@ def _skinny_gemm_kernel(
         tl.extra.cuda.gdc_wait()  # a is written by an earlier kernel
     a = _load_tile(a_src, a_ptr, stride_a, rows, 0, k0, M, BLOCK_K, TMA)  # [BM, BK]
     acc = _dot(w, a, tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32), DOT_F32)  # [BN, BM]: y.T
-    for kk in tl.range(BLOCK_K, K_SPLIT, BLOCK_K, num_stages=NUM_STAGES):
+    for kk in range(BLOCK_K, K_SPLIT, BLOCK_K):  # pipelined over the launch's num_stages
         w = _load_tile(w_src, w_ptr, stride_w, wrows, n0, k0 + kk, N, BLOCK_K, TMA)
         a = _load_tile(a_src, a_ptr, stride_a, rows, 0, k0 + kk, M, BLOCK_K, TMA)
         acc = _dot(w, a, acc, DOT_F32)
@@ -109,20 +109,17 @@ def _aligned(t: torch.Tensor) -> bool:
     return t.stride(-1) == 1 and (t.stride(0) * t.element_size()) % 16 == 0 and t.data_ptr() % 16 == 0
 
 
-def supports(a: torch.Tensor, weight: torch.Tensor, *others: torch.Tensor | None, max_weight: int) -> bool:
-    """Whether the kernel takes ``a [M, K] @ weight[N, K].T``: CUDA, ``0 < M <= MAX_ROWS``, bf16/fp16,
-    ``N % 16 == 0``, ``K % 64 == 0``, aligned rows, at most ``max_weight`` weight elements, and a
-    shape measured faster than cuBLAS (``TUNED``). Unmeasured shapes (other models, tensor-parallel
-    shards) stay on cuBLAS: :func:`rule_config`'s tiles lost to it on three of SmolLM2's four."""
+def supports(a: torch.Tensor, weight: torch.Tensor, *others: torch.Tensor | None) -> bool:
+    """Whether the op layer runs ``a [M, K] @ weight[N, K].T`` here: CUDA, ``0 < M <= MAX_ROWS``,
+    bf16/fp16 throughout, TMA-aligned rows, and a shape measured faster than cuBLAS (``TUNED``).
+    Unmeasured shapes (other models, tensor-parallel shards, 8B-sized weights) stay on cuBLAS:
+    :func:`rule_config`'s tiles lost to it on three of SmolLM2's four projections."""
     if not (a.is_cuda and a.dim() == 2 and 0 < a.shape[0] <= MAX_ROWS and a.dtype in DTYPES):
         return False
-    n, k = weight.shape
-    if n % 16 or k % 64 or n * k > max_weight or weight.dtype != a.dtype:
+    if tuned_config(a.shape[0], *weight.shape) is None:
         return False
     tensors = [a, weight] + [t for t in others if t is not None]
-    if not (all(t.dtype == a.dtype for t in tensors) and all(_aligned(t) for t in tensors if t.dim() == 2)):
-        return False
-    return tuned_config(a.shape[0], n, k) is not None
+    return all(t.dtype == a.dtype for t in tensors) and all(_aligned(t) for t in tensors if t.dim() == 2)
 
 
 # (rows rounded up to 16/32/64, N, K) -> (block_n, block_k, split_k, num_warps, num_stages, tma), or
@@ -200,7 +197,7 @@ def skinny_gemm(a: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
         _skinny_gemm_kernel[(n // cfg.block_n, split)](
             *srcs, a, weight, bias if bias is not None else y, y, part, counters if counters is not None else y,
             m, n, k // split, a.stride(0), weight.stride(0), y.stride(0),
-            BLOCK_M=block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, SPLIT_K=split, NUM_STAGES=cfg.num_stages,
+            BLOCK_M=block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, SPLIT_K=split,
             TMA=cfg.tma, HAS_BIAS=bias is not None, DOT_F32=not a.is_cuda, num_warps=cfg.num_warps,
             num_stages=cfg.num_stages, **pdl_launch_options(a.device),
         )

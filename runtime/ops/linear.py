@@ -12,8 +12,8 @@ gated activation. Each computes exactly its unfused chain (same ops, same roundi
 
 On CUDA, a batch of at most ``GEMV_MAX_ROWS`` rows (decode at small batch) runs one Triton kernel
 that streams the weight once and forms its input on the fly (:mod:`infer.runtime.kernels.gemv_triton`).
-Up to ``SKINNY_MAX_ROWS`` rows, weights of at most ``SKINNY_MAX_WEIGHT`` elements whose shape was
-measured faster than cuBLAS go through the Triton skinny GEMM
+Up to ``SKINNY_MAX_ROWS`` rows, weights whose shape was measured faster than cuBLAS go through the
+Triton skinny GEMM
 (:mod:`infer.runtime.kernels.skinny_gemm_triton`), after the prologue's own kernel. Larger batches run the unfused chain (Triton prologue, cuBLAS GEMM). Every other device
 runs the plain-torch chain. The choice depends on the row count and the tensors' shapes and
 alignment only, so a CUDA graph captured at one batch size always replays the same kernels.
@@ -34,10 +34,7 @@ GEMV_MAX_ROWS = 2  # above this cuBLAS wins (H200: the kernel re-streams x per r
 # small (Qwen3-0.6B projections, 2-6M elements); for 8B-sized weights the unfused chain is faster.
 PROLOGUE_MAX_WEIGHT = 8 << 20
 _GEMV_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
-SKINNY_MAX_ROWS = 64  # = skinny_gemm_triton.MAX_ROWS; above it cuBLAS's large tiles win
-# Measured on the 0.6B projections (2-6M elements); 8B-sized weights stream at ~2.5 TB/s through
-# cuBLAS at these batch sizes already and stay there.
-SKINNY_MAX_WEIGHT = 8 << 20
+SKINNY_MAX_ROWS = 64  # = skinny_gemm_triton.MAX_ROWS (checked here before triton is imported)
 
 _NORM_ARGS = "Tensor? norm_weight, float eps, bool cast_before_weight, ScalarType norm_dtype"
 _LINEAR_ARGS = "Tensor weight, Tensor? bias"
@@ -79,7 +76,7 @@ def _use_skinny(x: torch.Tensor, weight: torch.Tensor, *others: torch.Tensor | N
     if os.environ.get("INFER_SKINNY_GEMM", "1") == "0":
         return False
     from ..kernels.skinny_gemm_triton import supports  # lazy: triton is imported on first CUDA use
-    return supports(x, weight, *others, max_weight=SKINNY_MAX_WEIGHT)
+    return supports(x, weight, *others)
 
 
 def _skinny(*args, **kwargs):

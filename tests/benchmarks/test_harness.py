@@ -10,7 +10,7 @@ import torch
 from infer.benchmarks import floor, hf_baselines, throughput
 from infer.benchmarks.__main__ import SCENARIOS, main
 from infer.benchmarks.decode_step import build, floor_bytes, qwen3_config
-from infer.benchmarks.harness import Column, Table, measure
+from infer.benchmarks.harness import Column, Table, device_name, measure, write_rows
 from infer.models.qwen import Qwen3ForCausalLM
 
 HAVE_MATPLOTLIB = importlib.util.find_spec("matplotlib") is not None
@@ -225,3 +225,12 @@ def test_step_breakdown_skips_exactly_the_named_kernels_and_restores_them():
     with pytest.raises(ValueError, match="'gemv'"):
         with sb.kernels_skipped(["gemv"]):
             pass
+
+
+def test_write_rows_keeps_meta_and_rows_and_needs_a_path(tmp_path):
+    write_rows(None, [{"a": 1}], copy_gbps=1.0)  # no path: nothing written, no error
+    path = tmp_path / "out.json"
+    write_rows(str(path), [{"a": 1}], copy_gbps=2.5)
+    write_rows(str(path), [{"a": 1}, {"a": 2}], copy_gbps=2.5)  # rewritten after every row
+    assert json.loads(path.read_text()) == dict(device=device_name("cuda"), copy_gbps=2.5, rows=[{"a": 1}, {"a": 2}])
+    assert list(tmp_path.iterdir()) == [path]

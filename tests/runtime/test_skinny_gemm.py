@@ -72,22 +72,20 @@ def test_supports_only_measured_shapes_it_tiles():
                                           "stride": t.stride, "element_size": t.element_size,
                                           "data_ptr": lambda self=None: 0})()
     w = torch.empty(1024, 2048, **meta)  # Qwen3-0.6B's o projection
-    big = 1 << 22
     ok = fake_cuda(torch.empty(8, 2048, **meta))
-    assert sk.supports(ok, w, max_weight=big)
-    assert not sk.supports(torch.empty(8, 2048, dtype=torch.bfloat16), w, max_weight=big)  # not CUDA
-    assert not sk.supports(fake_cuda(torch.empty(MAX_ROWS + 1, 2048, **meta)), w, max_weight=big)
-    assert not sk.supports(ok, w, max_weight=1024 * 2048 - 1)  # weight too large
-    assert not sk.supports(ok, torch.empty(1000, 2048, **meta), max_weight=big)  # N % 16
-    assert not sk.supports(fake_cuda(torch.empty(8, 2000, **meta)), torch.empty(1024, 2000, **meta), max_weight=big)
-    assert not sk.supports(fake_cuda(torch.empty(8, 2048, device="meta")), w.float(), max_weight=big)  # fp32
+    assert sk.supports(ok, w)
+    assert not sk.supports(torch.empty(8, 2048, dtype=torch.bfloat16), w)  # not CUDA
+    assert not sk.supports(fake_cuda(torch.empty(MAX_ROWS + 1, 2048, **meta)), w)
+    assert not sk.supports(fake_cuda(torch.empty(8, 2048, device="meta")), w.float())  # fp32
+    assert not sk.supports(ok, w, torch.empty(1024, dtype=torch.float16, device="meta"))  # a bias of another dtype
     odd = fake_cuda(torch.empty(8, 2052, **meta)[:, :2048])  # row stride of 4104 bytes: not TMA aligned
-    assert not sk.supports(odd, w, max_weight=big)
+    assert not sk.supports(odd, w)
     gate_up = torch.empty(3072, 576, **meta)  # SmolLM2's gate_up: cuBLAS measured faster
-    assert not sk.supports(fake_cuda(torch.empty(8, 576, **meta)), gate_up, max_weight=big)
-    assert sk.supports(fake_cuda(torch.empty(8, 576, **meta)), torch.empty(960, 576, **meta), max_weight=big)
-    shard = torch.empty(2048, 1024, **meta)  # a tensor-parallel shard of 0.6B's qkv: not measured
-    assert not sk.supports(fake_cuda(torch.empty(8, 1024, **meta)), shard, max_weight=big)
+    assert not sk.supports(fake_cuda(torch.empty(8, 576, **meta)), gate_up)
+    assert sk.supports(fake_cuda(torch.empty(8, 576, **meta)), torch.empty(960, 576, **meta))
+    for n, k in [(2048, 1024), (4096, 4096), (1000, 2048)]:  # a TP shard of 0.6B's qkv, 8B's o, N % 16
+        assert not sk.supports(fake_cuda(torch.empty(8, k, **meta)), torch.empty(n, k, **meta))
+    assert L.SKINNY_MAX_ROWS == MAX_ROWS
 
 
 def test_too_many_rows_and_untileable_config_are_errors():
