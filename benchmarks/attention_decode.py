@@ -116,7 +116,7 @@ def run_case(batch, context, block_size, config, num_splits, hq=16, hkv=8, d=128
     splits = num_splits or choose_num_splits(batch, hkv, block_tables.shape[1] * block_size, q.device, config)
     return {
         "path": path, "batch": batch, "context": context, "block_size": block_size, "num_splits": splits,
-        "block_n": config.block_n, "num_warps": config.num_warps, "num_stages": config.num_stages,
+        "block_n": config.block_n, "num_warps": config.num_warps, "num_stages": config.num_stages or "auto",
         "programs_per_sm": config.programs_per_sm, "time_us": ms * 1e3,
         "kv_gbps": kv_bytes / (ms * 1e-3) / 1e9, "max_abs_err": err, "launches_per_graph": launches,
     }

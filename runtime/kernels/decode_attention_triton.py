@@ -45,7 +45,7 @@ import triton.language as tl
 from torch import Tensor
 
 from .counters import arrival_counters
-from .decode_plan import DecodeConfig, combine_in_partial, latency_bound, plan_splits, sm_count
+from .decode_plan import DecodeConfig, combine_in_partial, latency_bound, plan_splits, plan_stages, sm_count
 from .kv_layout import cache_halves, cache_strides
 from .pdl import pdl_launch_options
 
@@ -311,7 +311,8 @@ def _launch(
         HEAD_DIM=head_dim, BLOCK_SIZE=block_size, BLOCK_N=config.block_n, FUSE_WRITE=new_kv is not None,
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32", COMBINE=counters is not None,
         GROUP_P2=triton.next_power_of_2(num_q_heads // num_kv_heads), SPLITS_BLOCK=REDUCE_SPLITS_BLOCK,
-        num_warps=config.num_warps, num_stages=config.num_stages, **pdl,
+        num_warps=config.num_warps, num_stages=plan_stages(config, num_seqs, num_kv_heads, splits, sm_count(q.device)),
+        **pdl,
     )
     if splits > 1 and counters is None:
         _decode_reduce_kernel[(num_seqs, num_q_heads)](

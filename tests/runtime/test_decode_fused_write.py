@@ -199,3 +199,20 @@ def test_combine_in_partial_only_for_few_sequences(monkeypatch):
     assert not decode_plan.combine_in_partial(1, 8, 1, cpu)
     monkeypatch.setattr(decode_plan, "COMBINE_IN_PARTIAL", False)
     assert not decode_plan.combine_in_partial(1, 8, 9, cpu)
+
+
+def test_many_short_splits_take_two_stages():
+    """Two pipeline stages only for a latency-bound launch of at least 3 split programs per SM
+    (0.6B batch 8 and 16 at context 512); batch 1-4 and one-split launches keep three; a set
+    ``num_stages`` wins."""
+    config = decode_plan.DecodeConfig(num_stages=None)
+
+    def stages(batch, context=512):
+        splits, _ = decode_plan.plan_splits(batch, 8, context, H100_SMS, config)
+        return decode_plan.plan_stages(config, batch, 8, splits, H100_SMS)
+
+    assert [stages(b) for b in (1, 2, 4, 8, 16, 17, 32, 64, 256)] == [3, 3, 3, 2, 2, 3, 3, 3, 3]
+    assert stages(8, context=2048) == 2  # nine splits of four tiles: still 576 programs
+    forced = decode_plan.DecodeConfig(num_stages=4)
+    assert decode_plan.plan_stages(forced, 8, 8, 8, H100_SMS) == 4
+    assert decode_plan.plan_stages(forced, 64, 8, 1, H100_SMS) == 4
