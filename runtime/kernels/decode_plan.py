@@ -15,7 +15,17 @@ import triton
 
 FUSE_KV_WRITE = os.environ.get("INFER_FUSE_KV_WRITE", "1") != "0"  # A/B switch for benchmarks
 COMBINE_IN_PARTIAL = os.environ.get("INFER_DECODE_COMBINE", "1") != "0"  # A/B switch for benchmarks
-DECODE_STAGES = int(os.environ.get("INFER_DECODE_STAGES", "0")) or None  # A/B switch: force the pipelining depth
+
+
+def _env_stages(name: str = "INFER_DECODE_STAGES") -> int | None:
+    """A forced pipelining depth from the environment (A/B runs); unset or 0: planned per launch."""
+    value = os.environ.get(name, "0")
+    if not value.isdigit():
+        raise ValueError(f"{name}={value!r}: expected a whole number of pipeline stages (0 or unset: planned)")
+    return int(value) or None
+
+
+DECODE_STAGES = _env_stages()
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,11 +82,14 @@ def plan_stages(config: DecodeConfig, num_seqs: int, num_kv_heads: int, num_spli
     """Software-pipelining depth of the KV loads: ``config.num_stages`` if set, else 3, or 2 for a
     latency-bound launch of many short splits.
 
-    Measured in the 0.6B step (H200, context 512, full decode graph, two runs each): with 2 stages
-    batch 8 took 1.083 ms against 1.126 and batch 16 1.206 against 1.254 (512 and 640 split
-    programs of one or two 64-token tiles: the smaller stage buffers leave room for more programs
-    per SM); batch 4 (256 programs) was 20 us slower, batch 1 10 us; batch 32-128 (one long split
-    per pair) and the kernel alone at batch 64-256 measured the same either way.
+    Measured in the 0.6B step (H200, context 512, full decode graph, 3-4 runs each), 2 stages
+    against 3:
+    - batch 8: 1.081-1.096 ms against 1.117-1.135 (512 split programs);
+    - batch 16: 1.203-1.210 ms against 1.253-1.254 (640 split programs);
+    - batch 4 (256 programs): 20 us slower; batch 1: 10 us slower;
+    - batch 32-128 (one long split per pair), and the kernel alone at batch 64-256: the same.
+    Those programs walk one or two 64-token tiles, so the depth pipelines nothing there; the
+    smaller stage buffers leave room for more programs per SM.
     """
     if config.num_stages is not None:
         return config.num_stages

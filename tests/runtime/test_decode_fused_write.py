@@ -216,3 +216,13 @@ def test_many_short_splits_take_two_stages():
     forced = decode_plan.DecodeConfig(num_stages=4)
     assert decode_plan.plan_stages(forced, 8, 8, 8, H100_SMS) == 4
     assert decode_plan.plan_stages(forced, 64, 8, 1, H100_SMS) == 4
+
+
+def test_forced_stages_from_the_environment(monkeypatch):
+    monkeypatch.setenv("INFER_DECODE_STAGES", "2")
+    assert decode_plan._env_stages() == 2
+    monkeypatch.setenv("INFER_DECODE_STAGES", "0")
+    assert decode_plan._env_stages() is None
+    monkeypatch.setenv("INFER_DECODE_STAGES", "two")
+    with pytest.raises(ValueError, match="INFER_DECODE_STAGES='two'"):
+        decode_plan._env_stages()
