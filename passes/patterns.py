@@ -21,6 +21,17 @@ def tensor_val(node) -> torch.Tensor | None:
     return val if isinstance(val, torch.Tensor) else None
 
 
+def known_contiguous(val: torch.Tensor) -> bool:
+    """Whether ``val`` is provably row-major contiguous (False when symbolic shapes leave it open).
+
+    The fused ops return contiguous tensors, while eager elementwise chains keep their input's
+    layout: a norm over a transposed view (Gemma 3's and EXAONE 4's q/k norms) gives a transposed
+    result that later code may ``view`` as such. Replacing that chain would break the view."""
+    from torch import _prims_common
+    check = getattr(_prims_common, "is_contiguous_or_false", None)
+    return bool(check(val)) if check is not None else bool(val.is_contiguous())
+
+
 def scalar_arg(node: fx.Node) -> tuple[fx.Node | None, float | None]:
     """For a binary op with one Python-number operand: (tensor operand, number)."""
     a, b = node.args[0], node.args[1] if len(node.args) > 1 else None

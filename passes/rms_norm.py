@@ -6,8 +6,8 @@ from torch import fx
 
 from ..runtime import ops  # noqa: F401  (registers torch.ops.infer.*)
 from .base import InferPass, is_op
-from .patterns import (ADDS, CONVERT, MULS, aten, is_cast, is_last_dim, is_square_of, only_user,
-                       other_operand, replace_with, scalar_arg, tensor_val)
+from .patterns import (ADDS, CONVERT, MULS, aten, is_cast, is_last_dim, is_square_of, known_contiguous,
+                       only_user, other_operand, replace_with, scalar_arg, tensor_val)
 
 _FLOATS = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -27,7 +27,9 @@ class RMSNormPass(InferPass):
     Also: no casts (fp32), weight applied before the final cast (`F.rms_norm`, Gemma's `1 + w`
     computed in fp32), no weight, and per-head q/k norms over the last dim of a reshaped tensor.
     Left alone: a variance, rsqrt or normalized intermediate used outside the norm, a reduction
-    over another dim, or a weight that broadcasts over anything but the last dim.
+    over another dim, a weight that broadcasts over anything but the last dim, or a result that
+    is not contiguous (a norm over a transposed view keeps its input's layout in eager, and later
+    views may rely on it; the op returns a contiguous tensor).
     """
 
     name = "rms_norm"
@@ -91,6 +93,8 @@ class RMSNormPass(InferPass):
         out_val = tensor_val(end)
         if out_val is None or out_val.shape != x_val.shape:
             return miss("output shape differs from the input's")
+        if not known_contiguous(out_val):
+            return miss("output is not contiguous (it keeps the layout of a strided input)")
         return end, (x, weight, eps, cast_before_weight, out_val.dtype)
 
     @staticmethod

@@ -14,6 +14,9 @@ CONFIGS = {
     "mistral": ("MistralConfig", "MistralForCausalLM", dict(_COMMON, sliding_window=None)),
     "phi3": ("Phi3Config", "Phi3ForCausalLM", dict(_COMMON, pad_token_id=0)),
     "gemma": ("GemmaConfig", "GemmaForCausalLM", dict(_COMMON, head_dim=16)),
+    # q/k norms after transpose(1, 2): strided results that the model views as such
+    "gemma3": ("Gemma3TextConfig", "Gemma3ForCausalLM", dict(_COMMON, head_dim=16, sliding_window=4)),
+    "exaone4": ("Exaone4Config", "Exaone4ForCausalLM", dict(_COMMON, head_dim=16)),
     "gpt2": ("GPT2Config", "GPT2LMHeadModel", dict(vocab_size=128, n_embd=64, n_layer=2, n_head=4,
                                                    n_positions=256)),
     "bert": ("BertConfig", "BertModel", dict(vocab_size=128, hidden_size=64, num_hidden_layers=2,

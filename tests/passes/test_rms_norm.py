@@ -278,3 +278,40 @@ def test_two_norms_fused_independently():
     eps = [n.args[2] for n in gm.graph.nodes if str(n.target) == RMS]
     assert eps == [1e-5, 1e-6]
     torch.testing.assert_close(gm(*args), fn(*args), **TOL[torch.bfloat16])
+
+
+def test_norm_over_a_transposed_view_is_left_alone():
+    """Gemma 3 / EXAONE 4 q/k norms run after ``transpose(1, 2)``. Eager keeps that layout, and the
+    model later views the result as such, which a contiguous op output would break."""
+    batch, seq, dim = 2, 3, 16
+
+    def fn(x, w):  # x [B, S, Hq*D]
+        q = x.view(batch, seq, HEADS, dim).transpose(1, 2)  # [B, Hq, S, D], strided
+        h = q.float()
+        n = w * (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-6)).to(x.dtype)
+        return n.transpose(1, 2).view(batch, seq, HEADS * dim)  # a view only for n's own layout
+
+    args = torch.randn(batch, seq, HEADS * dim, dtype=torch.bfloat16), torch.randn(dim, dtype=torch.bfloat16)
+    gm = traced_clean(fn, *args)
+
+    rewrites, context = run_pass(RMSNormPass, gm)
+
+    assert rewrites == 0
+    assert any("not contiguous" in m for m in context.report.near_misses), context.report.near_misses
+    torch.testing.assert_close(gm(*args), fn(*args), rtol=0, atol=0)
+
+
+def test_norm_over_a_contiguous_transpose_is_fused():
+    """The same norm over a tensor made contiguous after the transpose is fused as before."""
+    def fn(x, w):  # x [B, S, Hq*D]
+        q = x.view(2, 3, HEADS, 16).transpose(1, 2).contiguous()  # [B, Hq, S, D]
+        h = q.float()
+        return w * (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-6)).to(x.dtype)
+
+    args = torch.randn(2, 3, HEADS * 16, dtype=torch.bfloat16), torch.randn(16, dtype=torch.bfloat16)
+    gm = traced_clean(fn, *args)
+
+    rewrites, _ = run_pass(RMSNormPass, gm)
+
+    assert rewrites == 1 and op_counts(gm)[RMS] == 1
+    torch.testing.assert_close(gm(*args), fn(*args), **TOL[torch.bfloat16])

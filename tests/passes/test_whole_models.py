@@ -19,6 +19,11 @@ EXPECTED = {
     "qwen3": dict(LLAMA_FAMILY, rms_norm=1 + 2 * L),           # + q/k norms per layer
     "phi3": dict(LLAMA_FAMILY, qkv=0, gate_up=0),              # already packed in the checkpoint
     "gemma": dict(LLAMA_FAMILY, silu_and_mul=0),               # GELU-gated MLP; 1 + w norms fused
+    # q/k norms over transposed views stay eager (their layout is viewed later); Gemma 3's
+    # post-attention / post-feedforward norms are plain norms, its pre-feedforward one takes the add
+    "gemma3": dict(LLAMA_FAMILY, silu_and_mul=0, rms_norm=1 + 2 * L, fused_add_rms_norm=2 * L),
+    # post-norms (OLMo 2 style): one plain norm per sublayer, the final norm takes the last add
+    "exaone4": dict(LLAMA_FAMILY, rms_norm=2 * L, fused_add_rms_norm=1),
     "gpt2": {},                                                # LayerNorm, Conv1D: nothing to fuse
 }
 TOLERANCE = {torch.float32: dict(atol=1e-5, rtol=1e-5), torch.bfloat16: dict(atol=3e-2, rtol=3e-2)}
