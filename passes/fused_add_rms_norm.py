@@ -7,7 +7,7 @@ import torch
 from torch import fx
 
 from .base import InferPass, is_op
-from .patterns import aten, known_contiguous, node_order, tensor_val
+from .patterns import aten, node_order, tensor_val
 
 
 class FusedAddRMSNormPass(InferPass):
@@ -23,9 +23,10 @@ class FusedAddRMSNormPass(InferPass):
         f = infer.fused_add_rms_norm(h, residual, w, eps, ...)
         y = f[0]; s = f[1]
 
-    Left alone: adds with `alpha`, broadcasting adds, a sum that is not contiguous (the op returns
-    it contiguous), and sums whose other users come before the norm when the weight is computed
-    after the add (no valid place for the fused op).
+    Left alone: adds with `alpha`, broadcasting adds, and sums whose other users come before the
+    norm when the weight is computed after the add (no valid place for the fused op). A strided
+    sum never gets here: the norm keeps its input's layout, and `RMSNormPass` leaves a norm with
+    a strided result alone.
     """
 
     name = "fused_add_rms_norm"
@@ -43,9 +44,6 @@ class FusedAddRMSNormPass(InferPass):
             a_val, b_val, s_val = tensor_val(a), tensor_val(b), tensor_val(total)
             if a_val is None or b_val is None or not (a_val.shape == b_val.shape == s_val.shape):
                 self.context.near_miss(self.name, norm, "the add broadcasts or has a scalar operand")
-                continue
-            if not known_contiguous(s_val):
-                self.context.near_miss(self.name, norm, "the sum is not contiguous")
                 continue
             where = self._insertion_point(total, norm, order)
             if where is None:
