@@ -6,7 +6,8 @@ from torch import fx
 
 from ..runtime import ops  # noqa: F401  (registers torch.ops.infer.*)
 from .base import InferPass, is_op
-from .patterns import ADDS, MULS, aten, is_cast, only_user, other_operand, replace_with, scalar_arg, tensor_val
+from .patterns import (ADDS, MULS, aten, is_cast, known_contiguous, only_user, other_operand, replace_with,
+                       scalar_arg, tensor_val)
 
 
 class SiluAndMulPass(InferPass):
@@ -22,7 +23,9 @@ class SiluAndMulPass(InferPass):
 
     Also `aten.silu`, `a * sigmoid(a)`, either operand order of the final multiply, and fp32 with no
     casts. When gate and up are slices of one packed GEMM output, the op reads them in place.
-    Left alone: GELU and other activations, broadcasting multiplies, a silu value used elsewhere.
+    Left alone: GELU and other activations, broadcasting multiplies, a silu value used elsewhere,
+    and a result that is not contiguous (eager keeps a strided input's layout, which later views may
+    rely on; the op returns a contiguous tensor).
     """
 
     name = "silu_and_mul"
@@ -40,6 +43,9 @@ class SiluAndMulPass(InferPass):
                 g_val, u_val, out_val = tensor_val(gate), tensor_val(up), tensor_val(node)
                 if g_val is None or u_val is None or g_val.shape != u_val.shape or out_val.shape != g_val.shape:
                     self.context.near_miss(self.name, node, "gate and up shapes differ (broadcast)")
+                    break
+                if not known_contiguous(out_val):
+                    self.context.near_miss(self.name, node, "output is not contiguous (it keeps the layout of a strided input)")
                     break
                 replace_with(graph, node, torch.ops.infer.silu_and_mul.default, (gate, up))
                 rewrites += 1

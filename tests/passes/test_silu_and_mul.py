@@ -150,3 +150,20 @@ def test_not_matched(case, dtype, leading):
     got, want = gm(*args), fn(*args)
     for g, w in zip(got if isinstance(got, tuple) else (got,), want if isinstance(want, tuple) else (want,)):
         torch.testing.assert_close(g, w, **TOL[dtype])
+
+
+def test_strided_result_is_left_alone():
+    """On transposed gate/up eager keeps the transposed layout, and later code may view the result
+    as such; the op would return it contiguous."""
+    def fn(gate, up):  # [B, S, I]
+        a = F.silu(gate.transpose(0, 1)) * up.transpose(0, 1)  # [S, B, I], strided like its inputs
+        return a.transpose(0, 1).view(6, 16)  # a view only for a's own layout
+
+    args = torch.randn(2, 3, 16), torch.randn(2, 3, 16)
+    gm = traced_clean(fn, *args)
+
+    rewrites, context = run_pass(SiluAndMulPass, gm)
+
+    assert rewrites == 0
+    assert any("not contiguous" in m for m in context.report.near_misses), context.report.near_misses
+    torch.testing.assert_close(gm(*args), fn(*args), **TOL[torch.float32])  # the decomposed silu
