@@ -68,7 +68,8 @@ def plan_splits(
     from there on splits stay at least ``min_split_tokens`` long (the bandwidth-bound regime).
     """
     base = max(num_seqs * num_kv_heads, 1)
-    min_tokens = config.block_n if base < num_sms else max(config.min_split_tokens, config.block_n)
+    few = _few_pairs(num_seqs, num_kv_heads, num_sms)
+    min_tokens = config.block_n if few else max(config.min_split_tokens, config.block_n)
     wanted = triton.cdiv(config.programs_per_sm * num_sms, base)
     by_length = triton.cdiv(max(max_context, 1), min_tokens)
     splits = max(1, min(wanted, by_length, config.max_splits))
@@ -94,7 +95,7 @@ def plan_stages(config: DecodeConfig, num_seqs: int, num_kv_heads: int, num_spli
     if config.num_stages is not None:
         return config.num_stages
     many_short = num_seqs * num_kv_heads * num_splits >= SHORT_GRID_PROGRAMS_PER_SM * num_sms
-    return 2 if num_seqs * num_kv_heads < num_sms and many_short else 3
+    return 2 if _few_pairs(num_seqs, num_kv_heads, num_sms) and many_short else 3
 
 
 def fuse_kv_write() -> bool:
@@ -118,8 +119,12 @@ def choose_num_splits(
 
 def latency_bound(num_seqs: int, num_kv_heads: int, device: torch.device) -> bool:
     """Fewer (sequence, kv head) pairs than SMs: a decode launch is latency-bound (short splits,
-    reduce under PDL, the combine in the partial kernel)."""
-    return num_seqs * num_kv_heads < sm_count(device)
+    reduce under PDL, the combine in the partial kernel, 2 stages for many short splits)."""
+    return _few_pairs(num_seqs, num_kv_heads, sm_count(device))
+
+
+def _few_pairs(num_seqs: int, num_kv_heads: int, num_sms: int) -> bool:
+    return num_seqs * num_kv_heads < num_sms
 
 
 def combine_in_partial(num_seqs: int, num_kv_heads: int, num_splits: int, device: torch.device) -> bool:
