@@ -39,18 +39,39 @@ capturing ~35 batch sizes compiles the partial kernel twice per head/dtype shape
 """
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
 from .counters import arrival_counters
-from .decode_plan import DecodeConfig, combine_in_partial, latency_bound, plan_splits, plan_stages, sm_count
+from .decode_plan import (DecodeConfig, combine_in_partial, latency_bound, plan_splits, plan_stages, plan_table,
+                          sm_count)
 from .kv_layout import cache_halves, cache_strides
 from .pdl import pdl_launch_options
 
 LOG2E = 1.4426950408889634
 REDUCE_SPLITS_BLOCK = 16  # partials combined per reduce iteration (fixed: no recompile per batch size)
+# Block-table entries a program holds in registers at once where ``decode_plan.plan_table`` says
+# so (0: never). ``INFER_DECODE_TABLE_PAGES`` sets it (A/B benchmarks).
+TABLE_PAGES = int(os.environ.get("INFER_DECODE_TABLE_PAGES", "64"))
+
+
+def table_pages(block_size: int, block_n: int, planned: bool = True) -> int:
+    """Page ids held in registers per chunk (a power of two), or 0: per-tile table loads.
+
+    Triton does not pipeline a K/V load whose address comes from a load in the same loop
+    iteration; with the chunk of the block table in registers it does. ``planned``:
+    :func:`decode_plan.plan_table` (latency-bound launches, where it measured faster). Needs pages
+    that tile a ``block_n`` tile, and chunks of whole tiles.
+    """
+    if not planned or TABLE_PAGES <= 0 or TABLE_PAGES & (TABLE_PAGES - 1):
+        return 0
+    if block_n % block_size or (TABLE_PAGES * block_size) % block_n:
+        return 0
+    return TABLE_PAGES
 
 
 @triton.jit
@@ -67,6 +88,20 @@ def _kv_tile(k_cache_ptr, v_cache_ptr, table, n0, end, kv_head, d, stride_cblk, 
     tok = n0 + tl.arange(0, BLOCK_N)
     mask = tok < end
     blk = tl.load(table + tok // BLOCK_SIZE, mask=mask, other=0).to(tl.int64)
+    row = blk * stride_cblk + (tok % BLOCK_SIZE) * stride_ctok + kv_head * stride_ch  # [BLOCK_N]
+    k = tl.load(k_cache_ptr + row[:, None] + d[None, :], mask=mask[:, None], other=0.0)
+    v = tl.load(v_cache_ptr + row[:, None] + d[None, :], mask=mask[:, None], other=0.0)
+    return k, v, mask
+
+
+@triton.jit
+def _kv_tile_paged(k_cache_ptr, v_cache_ptr, pages, p0, n0, end, kv_head, d, stride_cblk, stride_ctok, stride_ch,
+                   BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr):
+    """:func:`_kv_tile` with the page ids taken from ``pages``, the block-table entries from page ``p0``
+    on, held in registers (``n0 + BLOCK_N`` within them)."""
+    tok = n0 + tl.arange(0, BLOCK_N)
+    mask = tok < end
+    blk = tl.gather(pages, tok // BLOCK_SIZE - p0, 0).to(tl.int64)  # [BLOCK_N]
     row = blk * stride_cblk + (tok % BLOCK_SIZE) * stride_ctok + kv_head * stride_ch  # [BLOCK_N]
     k = tl.load(k_cache_ptr + row[:, None] + d[None, :], mask=mask[:, None], other=0.0)
     v = tl.load(v_cache_ptr + row[:, None] + d[None, :], mask=mask[:, None], other=0.0)
@@ -96,6 +131,7 @@ def _decode_partial_kernel(
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     BLOCK_N: tl.constexpr, FUSE_WRITE: tl.constexpr, PRECISION: tl.constexpr, USE_PDL: tl.constexpr,
     COMBINE: tl.constexpr = False, GROUP_P2: tl.constexpr = 1, SPLITS_BLOCK: tl.constexpr = 16,
+    TABLE_PAGES: tl.constexpr = 0,
 ):
     # With the write fused, nothing an earlier kernel of this step writes is read before the PDL wait
     # below: lengths, tables and slots come from the host, and the only cache row written this step
@@ -164,10 +200,21 @@ def _decode_partial_kernel(
     acc = tl.zeros([GROUP_PAD, HEAD_DIM], tl.float32)
     if start < end:
         m_i, l_i, acc = _attend_tile(q, k, v, t_mask, m_i, l_i, acc, scale_log2e, PRECISION)
-    for n0 in range(start + BLOCK_N, end, BLOCK_N):  # names of their own: nothing else is loop-carried
-        k_n, v_n, mask_n = _kv_tile(k_cache_ptr, v_cache_ptr, table, n0, end, kv_head, d, stride_cblk, stride_ctok,
-                                    stride_ch, BLOCK_SIZE, BLOCK_N)
-        m_i, l_i, acc = _attend_tile(q, k_n, v_n, mask_n, m_i, l_i, acc, scale_log2e, PRECISION)
+    if TABLE_PAGES > 0:  # the block-table chunk sits in registers: the tile loads can be pipelined
+        pi = tl.arange(0, TABLE_PAGES)
+        end_page = tl.cdiv(end, BLOCK_SIZE)
+        for c0 in range(start + BLOCK_N, end, TABLE_PAGES * BLOCK_SIZE):  # page-aligned: BLOCK_SIZE | BLOCK_N
+            p0 = c0 // BLOCK_SIZE
+            pages = tl.load(table + p0 + pi, mask=p0 + pi < end_page, other=0)  # [TABLE_PAGES]
+            for n0 in range(c0, tl.minimum(end, c0 + TABLE_PAGES * BLOCK_SIZE), BLOCK_N):
+                k_n, v_n, mask_n = _kv_tile_paged(k_cache_ptr, v_cache_ptr, pages, p0, n0, end, kv_head, d,
+                                                  stride_cblk, stride_ctok, stride_ch, BLOCK_SIZE, BLOCK_N)
+                m_i, l_i, acc = _attend_tile(q, k_n, v_n, mask_n, m_i, l_i, acc, scale_log2e, PRECISION)
+    else:
+        for n0 in range(start + BLOCK_N, end, BLOCK_N):  # names of their own: nothing else is loop-carried
+            k_n, v_n, mask_n = _kv_tile(k_cache_ptr, v_cache_ptr, table, n0, end, kv_head, d, stride_cblk,
+                                        stride_ctok, stride_ch, BLOCK_SIZE, BLOCK_N)
+            m_i, l_i, acc = _attend_tile(q, k_n, v_n, mask_n, m_i, l_i, acc, scale_log2e, PRECISION)
 
     has_keys = l_i > 0.0
     out = acc / tl.where(has_keys, l_i, 1.0)[:, None]  # [GROUP_PAD, D]; zeros without keys
@@ -286,7 +333,8 @@ def _launch(
     if num_seqs == 0:
         return out
     max_context = width * block_size
-    splits, min_split_len = plan_splits(num_seqs, num_kv_heads, max_context, sm_count(q.device), config)
+    num_sms = sm_count(q.device)
+    splits, min_split_len = plan_splits(num_seqs, num_kv_heads, max_context, num_sms, config)
     if num_splits is not None:  # forced: an even share of each sequence, at least one tile
         splits, min_split_len = max(1, num_splits), config.block_n
     part_o = part_lse = out  # placeholders, unused when splits == 1
@@ -311,7 +359,8 @@ def _launch(
         HEAD_DIM=head_dim, BLOCK_SIZE=block_size, BLOCK_N=config.block_n, FUSE_WRITE=new_kv is not None,
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32", COMBINE=counters is not None,
         GROUP_P2=triton.next_power_of_2(num_q_heads // num_kv_heads), SPLITS_BLOCK=REDUCE_SPLITS_BLOCK,
-        num_warps=config.num_warps, num_stages=plan_stages(config, num_seqs, num_kv_heads, splits, sm_count(q.device)),
+        TABLE_PAGES=table_pages(block_size, config.block_n, plan_table(num_seqs, num_kv_heads, splits, num_sms)),
+        num_warps=config.num_warps, num_stages=plan_stages(config, num_seqs, num_kv_heads, splits, num_sms),
         **pdl,
     )
     if splits > 1 and counters is None:

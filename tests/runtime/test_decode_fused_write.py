@@ -201,18 +201,21 @@ def test_combine_in_partial_only_for_few_sequences(monkeypatch):
     assert not decode_plan.combine_in_partial(1, 8, 9, cpu)
 
 
-def test_many_short_splits_take_two_stages():
-    """Two pipeline stages only for a latency-bound launch of at least 3 split programs per SM
-    (0.6B batch 8 and 16 at context 512); batch 1-4 and one-split launches keep three; a set
-    ``num_stages`` wins."""
+def test_latency_bound_launches_take_two_stages_and_few_programs_the_table():
+    """Two pipeline stages for every latency-bound launch (fewer (sequence, kv head) pairs than
+    SMs: batch 1-16 at 8 kv heads); of those, the register-held block table only below 3 split
+    programs per SM (batch 1-4 at context 512); a set ``num_stages`` wins."""
     config = decode_plan.DecodeConfig(num_stages=None)
 
-    def stages(batch, context=512):
+    def plan(batch, context=512):
         splits, _ = decode_plan.plan_splits(batch, 8, context, H100_SMS, config)
-        return decode_plan.plan_stages(config, batch, 8, splits, H100_SMS)
+        return (decode_plan.plan_stages(config, batch, 8, splits, H100_SMS),
+                decode_plan.plan_table(batch, 8, splits, H100_SMS))
 
-    assert [stages(b) for b in (1, 2, 4, 8, 16, 17, 32, 64, 256)] == [3, 3, 3, 2, 2, 3, 3, 3, 3]
-    assert stages(8, context=2048) == 2  # nine splits of four tiles: still 576 programs
+    assert [plan(b) for b in (1, 2, 4, 8, 16, 17, 32, 64, 256)] == [
+        (2, True), (2, True), (2, True), (2, False), (2, False), (3, False), (3, False), (3, False), (3, False)]
+    assert plan(8, context=2048) == (2, False)  # nine splits of four tiles: still 576 programs
+    assert plan(1, context=64) == (2, True)  # one tile: one split
     forced = decode_plan.DecodeConfig(num_stages=4)
     assert decode_plan.plan_stages(forced, 8, 8, 8, H100_SMS) == 4
     assert decode_plan.plan_stages(forced, 64, 8, 1, H100_SMS) == 4
@@ -226,3 +229,38 @@ def test_forced_stages_from_the_environment(monkeypatch):
     monkeypatch.setenv("INFER_DECODE_STAGES", "two")
     with pytest.raises(ValueError, match="INFER_DECODE_STAGES='two'"):
         decode_plan._env_stages()
+
+
+@pytest.mark.parametrize("table_pages", [1, 2, 4])
+@pytest.mark.parametrize("num_splits", [1, 2])
+def test_block_table_chunks_match_per_tile_loads(table_pages, num_splits, monkeypatch):
+    """Page ids held in registers a chunk at a time (chunks of 1-4 pages: several per sequence,
+    ending mid-split and mid-sequence) give the output of per-tile table loads, bit for bit on
+    the interpreter (``make_batch`` scatters the pages, so a wrong page id shows)."""
+    from infer.runtime.kernels import decode_attention_triton as dat
+    monkeypatch.setattr(dat, "plan_table", lambda *args: True)  # as in latency-bound launches
+    batch = make_batch([1] * 4, [70, 33, 16, 100], 4, 2, 64, 16, device=DEVICE, width=8)
+    monkeypatch.setattr(dat, "TABLE_PAGES", 0)
+    assert dat.table_pages(16, 16) == 0
+    per_tile, per_tile_cache, _, _ = run_both(batch, 0.125, num_splits)
+    monkeypatch.setattr(dat, "TABLE_PAGES", table_pages)
+    assert dat.table_pages(16, 16) == table_pages
+    fused, fused_cache, two, _ = run_both(batch, 0.125, num_splits)
+    torch.testing.assert_close(fused_cache, per_tile_cache, equal_nan=True, rtol=0, atol=0)
+    torch.testing.assert_close(fused, per_tile, **SAME)
+    torch.testing.assert_close(two, per_tile, **SAME)
+    ref, _ = reference(batch, 0.125)
+    torch.testing.assert_close(fused, ref, rtol=1e-4, atol=1e-4)
+
+
+def test_table_chunk_needs_whole_pages_and_tiles(monkeypatch):
+    """The register-held table only where planned, with whole pages per tile, whole tiles per
+    chunk, and a power-of-two chunk."""
+    from infer.runtime.kernels import decode_attention_triton as dat
+    monkeypatch.setattr(dat, "TABLE_PAGES", 64)
+    assert dat.table_pages(16, 64) == 64  # 16-token pages, 64-token tiles
+    assert dat.table_pages(64, 64) == 64
+    assert dat.table_pages(128, 64) == 0  # a page larger than a tile: per-tile loads
+    assert dat.table_pages(16, 64, planned=False) == 0  # many programs: per-tile loads
+    monkeypatch.setattr(dat, "TABLE_PAGES", 3)
+    assert dat.table_pages(16, 16) == 0  # not a power of two
