@@ -86,9 +86,9 @@ def plan_stages(config: DecodeConfig, num_seqs: int, num_kv_heads: int, num_spli
     Measured in the 0.6B step (H200, context 512, full decode graph, 2-4 runs each):
     - batch 8 and 16 (512-640 split programs, per-tile table loads): 1.081-1.096 ms against
       1.117-1.135, and 1.203-1.210 against 1.253-1.254 with 3 stages (session 13);
-    - batch 1-4 with the register-held table (:func:`plan_table`): batch 1 0.659-0.660 ms against
-      0.667-0.668 with 3 stages, batch 4 0.979-0.982 against 0.965-0.966; the 8B step at batch 1
-      3.965-3.972 against 4.013-4.016 (session 14);
+    - batch 1-4 with the register-held table (:func:`plan_table`, session 14): batch 1
+      0.659-0.660 ms against 0.667-0.668 with 3 stages; the 8B step at batch 1 3.965-3.972 against
+      4.013-4.016. Batch 4 alone preferred 3 stages (0.965-0.966 against 0.979-0.982);
     - batch 32-128 (one long split per pair) and the kernel alone at batch 64-256: the same.
     The short-split programs walk one or two 64-token tiles, so the depth pipelines little; the
     smaller stage buffers leave room for more programs, and for the GEMV launched early behind them.
@@ -102,12 +102,12 @@ def plan_table(num_seqs: int, num_kv_heads: int, num_splits: int, num_sms: int) 
     """Whether the partial kernel holds its chunk of the block table in registers: a latency-bound
     launch of fewer than ``SHORT_GRID_PROGRAMS_PER_SM`` split programs per SM.
 
-    H200, session 14, context 512, ms per step with it (2 stages) against per-tile table loads (the
-    plan before, 3 stages): 0.6B batch 1 0.659-0.660 against 0.692-0.693; batch 4 0.979-0.982
-    against 1.017-1.022; 8B batch 1 3.965-3.972 against 3.977-3.982, batch 2 4.859-4.861 against
-    4.866-4.868. At 0.6B batch 16 (640 programs) it was 0.3-1.2% slower, and at batch 64 (one
-    split, 512 programs) 14% slower (2.33 against 2.04 ms; the kernel alone at batch 64-256 lost
-    7-35%): fewer of its programs fit on an SM.
+    H200, session 14 (run 5), context 512, ms per step with it (2 stages) against per-tile table
+    loads (the plan before, 3 stages): 0.6B batch 1 0.659-0.660 against 0.692-0.693, batch 4
+    0.979-0.982 against 1.017-1.022; 8B batch 1 3.965-3.972 against 3.977-3.982, batch 2
+    4.859-4.861 against 4.866-4.868. At 0.6B batch 16 (640 programs) it was up to 1.2% slower,
+    and at batch 64 (one split, 512 programs) 14% slower (2.33 against 2.04 ms; the kernel alone
+    at batch 64-256 lost 7-35%): fewer of its programs fit on an SM.
     """
     many_short = num_seqs * num_kv_heads * num_splits >= SHORT_GRID_PROGRAMS_PER_SM * num_sms
     return _few_pairs(num_seqs, num_kv_heads, num_sms) and not many_short
