@@ -31,11 +31,17 @@ depends only on the batch size and ``block_tables.shape`` (never on host ``max_s
 captured launch replays correctly with new ``seq_lens``/``block_tables`` contents. A sequence of
 length 0 (CUDA-graph padding) produces zeros.
 
+Latency-bound launches of few programs (``decode_plan.plan_table``: 1-4 sequences at 8 kv heads and
+context 512) hold their chunk of the block table in registers (``TABLE_PAGES``) and take each
+tile's page ids from it, so the K/V gathers are software-pipelined; elsewhere each tile loads its
+own page ids, which keeps the compiled kernel's buffers small and more programs on an SM.
+
 Compile count: ints that change with the batch size (``num_splits``, ``min_split_len``,
 ``num_slots``) or the block-table width (``stride_bt``) are ``do_not_specialize`` runtime
-arguments and the only constexpr that follows the batch is ``COMBINE`` (few sequences or many), so
-capturing ~35 batch sizes compiles the partial kernel twice per head/dtype shape, not once per size. Nor does any argument follow the cache's block count
-(:mod:`.kv_layout`).
+arguments. What follows the batch is ``COMBINE``, ``TABLE_PAGES`` and the pipelining depth
+(``decode_plan``), so capturing ~35 batch sizes compiles the partial kernel three times per
+head/dtype shape (few programs, many short splits, long splits), not once per size. No argument
+follows the cache's block count (:mod:`.kv_layout`).
 """
 from __future__ import annotations
 
@@ -87,22 +93,28 @@ def _kv_tile(k_cache_ptr, v_cache_ptr, table, n0, end, kv_head, d, stride_cblk, 
     ``end``) of one kv head, gathered through the block table."""
     tok = n0 + tl.arange(0, BLOCK_N)
     mask = tok < end
-    blk = tl.load(table + tok // BLOCK_SIZE, mask=mask, other=0).to(tl.int64)
-    row = blk * stride_cblk + (tok % BLOCK_SIZE) * stride_ctok + kv_head * stride_ch  # [BLOCK_N]
-    k = tl.load(k_cache_ptr + row[:, None] + d[None, :], mask=mask[:, None], other=0.0)
-    v = tl.load(v_cache_ptr + row[:, None] + d[None, :], mask=mask[:, None], other=0.0)
-    return k, v, mask
+    blk = tl.load(table + tok // BLOCK_SIZE, mask=mask, other=0)
+    return _kv_rows(k_cache_ptr, v_cache_ptr, blk, tok, mask, kv_head, d, stride_cblk, stride_ctok, stride_ch,
+                    BLOCK_SIZE)
 
 
 @triton.jit
 def _kv_tile_paged(k_cache_ptr, v_cache_ptr, pages, p0, n0, end, kv_head, d, stride_cblk, stride_ctok, stride_ch,
                    BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr):
-    """:func:`_kv_tile` with the page ids taken from ``pages``, the block-table entries from page ``p0``
-    on, held in registers (``n0 + BLOCK_N`` within them)."""
+    """:func:`_kv_tile` with the page ids taken from ``pages``: the block-table entries from page
+    ``p0`` on, held in registers (the tile's pages must lie among them)."""
     tok = n0 + tl.arange(0, BLOCK_N)
     mask = tok < end
-    blk = tl.gather(pages, tok // BLOCK_SIZE - p0, 0).to(tl.int64)  # [BLOCK_N]
-    row = blk * stride_cblk + (tok % BLOCK_SIZE) * stride_ctok + kv_head * stride_ch  # [BLOCK_N]
+    blk = tl.gather(pages, tok // BLOCK_SIZE - p0, 0)  # [BLOCK_N]
+    return _kv_rows(k_cache_ptr, v_cache_ptr, blk, tok, mask, kv_head, d, stride_cblk, stride_ctok, stride_ch,
+                    BLOCK_SIZE)
+
+
+@triton.jit
+def _kv_rows(k_cache_ptr, v_cache_ptr, blk, tok, mask, kv_head, d, stride_cblk, stride_ctok, stride_ch,
+             BLOCK_SIZE: tl.constexpr):
+    """``(k, v, mask)``: the K and V rows of tokens ``tok`` (where ``mask``) in pages ``blk``."""
+    row = blk.to(tl.int64) * stride_cblk + (tok % BLOCK_SIZE) * stride_ctok + kv_head * stride_ch  # [BLOCK_N]
     k = tl.load(k_cache_ptr + row[:, None] + d[None, :], mask=mask[:, None], other=0.0)
     v = tl.load(v_cache_ptr + row[:, None] + d[None, :], mask=mask[:, None], other=0.0)
     return k, v, mask
