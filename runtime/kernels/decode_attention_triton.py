@@ -60,9 +60,19 @@ from .pdl import pdl_launch_options
 
 LOG2E = 1.4426950408889634
 REDUCE_SPLITS_BLOCK = 16  # partials combined per reduce iteration (fixed: no recompile per batch size)
+
+
+def _env_table_pages(name: str = "INFER_DECODE_TABLE_PAGES") -> int:
+    """The table chunk from the environment (A/B runs): 0 (off) or a power of two; unset: 64."""
+    value = os.environ.get(name, "64")
+    if not value.isdigit() or int(value) & (int(value) - 1):
+        raise ValueError(f"{name}={value!r}: expected 0 (per-tile table loads) or a power of two")
+    return int(value)
+
+
 # Block-table entries a program holds in registers at once where ``decode_plan.plan_table`` says
-# so (0: never). ``INFER_DECODE_TABLE_PAGES`` sets it (A/B benchmarks).
-TABLE_PAGES = int(os.environ.get("INFER_DECODE_TABLE_PAGES", "64"))
+# so (0: never).
+TABLE_PAGES = _env_table_pages()
 
 
 def table_pages(block_size: int, block_n: int, planned: bool = True) -> int:

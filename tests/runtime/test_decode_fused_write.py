@@ -264,3 +264,17 @@ def test_table_chunk_needs_whole_pages_and_tiles(monkeypatch):
     assert dat.table_pages(16, 64, planned=False) == 0  # many programs: per-tile loads
     monkeypatch.setattr(dat, "TABLE_PAGES", 3)
     assert dat.table_pages(16, 16) == 0  # not a power of two
+
+
+def test_table_pages_from_the_environment(monkeypatch):
+    from infer.runtime.kernels import decode_attention_triton as dat
+    monkeypatch.delenv("INFER_DECODE_TABLE_PAGES", raising=False)
+    assert dat._env_table_pages() == 64
+    monkeypatch.setenv("INFER_DECODE_TABLE_PAGES", "0")
+    assert dat._env_table_pages() == 0
+    monkeypatch.setenv("INFER_DECODE_TABLE_PAGES", "48")
+    with pytest.raises(ValueError, match="INFER_DECODE_TABLE_PAGES='48': expected 0 .* or a power of two"):
+        dat._env_table_pages()
+    monkeypatch.setenv("INFER_DECODE_TABLE_PAGES", "lots")
+    with pytest.raises(ValueError, match="INFER_DECODE_TABLE_PAGES='lots'"):
+        dat._env_table_pages()
