@@ -21,6 +21,9 @@ def tensor_val(node) -> torch.Tensor | None:
     return val if isinstance(val, torch.Tensor) else None
 
 
+STRIDED_RESULT = "output is not contiguous (it keeps the layout of a strided input)"  # near-miss reason
+
+
 def known_contiguous(val: torch.Tensor) -> bool:
     """Whether ``val`` is provably row-major contiguous (False when symbolic shapes leave it open).
 

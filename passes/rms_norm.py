@@ -6,8 +6,8 @@ from torch import fx
 
 from ..runtime import ops  # noqa: F401  (registers torch.ops.infer.*)
 from .base import InferPass, is_op
-from .patterns import (ADDS, CONVERT, MULS, aten, is_cast, is_last_dim, is_square_of, known_contiguous,
-                       only_user, other_operand, replace_with, scalar_arg, tensor_val)
+from .patterns import (ADDS, CONVERT, MULS, STRIDED_RESULT, aten, is_cast, is_last_dim, is_square_of,
+                       known_contiguous, only_user, other_operand, replace_with, scalar_arg, tensor_val)
 
 _FLOATS = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -94,7 +94,7 @@ class RMSNormPass(InferPass):
         if out_val is None or out_val.shape != x_val.shape:
             return miss("output shape differs from the input's")
         if not known_contiguous(out_val):
-            return miss("output is not contiguous (it keeps the layout of a strided input)")
+            return miss(STRIDED_RESULT)
         return end, (x, weight, eps, cast_before_weight, out_val.dtype)
 
     @staticmethod

@@ -6,8 +6,8 @@ from torch import fx
 
 from ..runtime import ops  # noqa: F401  (registers torch.ops.infer.*)
 from .base import InferPass, is_op
-from .patterns import (ADDS, MULS, aten, is_cast, known_contiguous, only_user, other_operand, replace_with,
-                       scalar_arg, tensor_val)
+from .patterns import (ADDS, MULS, STRIDED_RESULT, aten, is_cast, known_contiguous, only_user, other_operand,
+                       replace_with, scalar_arg, tensor_val)
 
 
 class SiluAndMulPass(InferPass):
@@ -45,7 +45,7 @@ class SiluAndMulPass(InferPass):
                     self.context.near_miss(self.name, node, "gate and up shapes differ (broadcast)")
                     break
                 if not known_contiguous(out_val):
-                    self.context.near_miss(self.name, node, "output is not contiguous (it keeps the layout of a strided input)")
+                    self.context.near_miss(self.name, node, STRIDED_RESULT)
                     break
                 replace_with(graph, node, torch.ops.infer.silu_and_mul.default, (gate, up))
                 rewrites += 1

@@ -2,17 +2,17 @@
 
 Grid ``(num_seqs, num_kv_heads, num_splits)``: a program takes every q head of one kv-head group
 (padded to 16 rows so ``tl.dot`` runs on tensor cores), walks its slice of the sequence in
-``BLOCK_N``-token tiles gathered through the block table, and keeps a running max/sum in fp32.
-With more than one split it writes a partial ``(out, lse)`` and a second kernel combines them;
-in the latency-bound regime (``decode_plan.combine_in_partial``: few sequences) the last split of
-each (sequence, kv head) to finish combines them instead. Each program stores its partial, then
-counts itself in on a per-(sequence, kv head) arrival counter (an atomic add with acquire-release
-ordering, after a barrier that orders every thread's stores before it); the program that sees the
-count reach the number of splits holding keys reads the partials back (past L1) and combines them
-in split order, exactly as the reduce kernel does, then sets the counter back to zero for the next
-launch. The counters live in a per-device buffer allocated once, outside CUDA-graph capture; two
-launches running at once on different streams of one device would share them, so that is
-unsupported (every launch of a step runs on one stream).
+``BLOCK_N``-token tiles gathered through the block table, and keeps a running max/sum in fp32. With
+more than one split it writes a partial ``(out, lse)`` and a second kernel combines them
+(:mod:`.decode_combine_triton`); in the latency-bound regime (``decode_plan.combine_in_partial``:
+few sequences) the last split of each (sequence, kv head) to finish combines them instead. Each
+program stores its partial, then counts itself in on a per-(sequence, kv head) arrival counter (an
+atomic add with acquire-release ordering, after a barrier that orders every thread's stores before
+it); the program that sees the count reach the number of splits holding keys reads the partials back
+(past L1) and combines them in split order, exactly as the reduce kernel does, then sets the counter
+back to zero for the next launch. The counters live in a per-device buffer allocated once, outside
+CUDA-graph capture; two launches running at once on different streams of one device would share
+them, so that is unsupported (every launch of a step runs on one stream).
 
 Split length is decided on the device: ``num_splits`` is fixed by shapes, and each sequence is cut
 into ``num_splits`` slices of ``max(roundup(cdiv(seq_len, num_splits), BLOCK_N), min_split_len)``
@@ -45,55 +45,19 @@ follows the cache's block count (:mod:`.kv_layout`).
 """
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
 from .counters import arrival_counters
+from .decode_combine_triton import REDUCE_SPLITS_BLOCK, _combine_group, _decode_reduce_kernel, _split_len
 from .decode_plan import (DecodeConfig, combine_in_partial, latency_bound, plan_splits, plan_stages, plan_table,
                           sm_count)
 from .kv_layout import cache_halves, cache_strides
 from .pdl import pdl_launch_options
 
 LOG2E = 1.4426950408889634
-REDUCE_SPLITS_BLOCK = 16  # partials combined per reduce iteration (fixed: no recompile per batch size)
-
-
-def _env_table_pages(name: str = "INFER_DECODE_TABLE_PAGES") -> int:
-    """The table chunk from the environment (A/B runs): 0 (off) or a power of two; unset: 64."""
-    value = os.environ.get(name, "64")
-    if not value.isdigit() or int(value) & (int(value) - 1):
-        raise ValueError(f"{name}={value!r}: expected 0 (per-tile table loads) or a power of two")
-    return int(value)
-
-
-# Block-table entries a program holds in registers at once where ``decode_plan.plan_table`` says
-# so (0: never).
-TABLE_PAGES = _env_table_pages()
-
-
-def table_pages(block_size: int, block_n: int, planned: bool = True) -> int:
-    """Page ids held in registers per chunk (a power of two), or 0: per-tile table loads.
-
-    Triton does not pipeline a K/V load whose address comes from a load in the same loop
-    iteration; with the chunk of the block table in registers it does. ``planned``:
-    :func:`decode_plan.plan_table` (latency-bound launches, where it measured faster). Needs pages
-    that tile a ``block_n`` tile, and chunks of whole tiles.
-    """
-    if not planned or TABLE_PAGES <= 0 or TABLE_PAGES & (TABLE_PAGES - 1):
-        return 0
-    if block_n % block_size or (TABLE_PAGES * block_size) % block_n:
-        return 0
-    return TABLE_PAGES
-
-
-@triton.jit
-def _split_len(seq_len, num_splits, min_split_len, BLOCK_N: tl.constexpr):
-    """Tokens per split of one sequence: an even share rounded up to BLOCK_N, at least min_split_len."""
-    return tl.maximum(tl.cdiv(tl.cdiv(seq_len, num_splits), BLOCK_N) * BLOCK_N, min_split_len)
 
 
 @triton.jit
@@ -260,73 +224,6 @@ def _decode_partial_kernel(
                                SPLITS_BLOCK)
 
 
-@triton.jit
-def _combine_group(part_o_ptr, part_lse_ptr, out_ptr, seq, kv_head, num_splits, num_active, num_q_heads,
-                   stride_ot, stride_oh, GROUP: tl.constexpr, GROUP_P2: tl.constexpr, HEAD_DIM: tl.constexpr,
-                   SPLITS_BLOCK: tl.constexpr):
-    """The reduce kernel's combine for the ``GROUP`` q heads of one kv head, in the partial kernel.
-
-    Partials are loaded with ``.cg`` (from L2): other programs wrote them after this SM may have
-    cached those addresses in L1 during an earlier launch."""
-    g = tl.arange(0, GROUP_P2)
-    g_mask = g < GROUP
-    d = tl.arange(0, HEAD_DIM)
-    base = (seq.to(tl.int64) * num_q_heads + kv_head * GROUP + g) * num_splits  # [GP2]
-    m = tl.full([GROUP_P2], float("-inf"), tl.float32)
-    denom = tl.zeros([GROUP_P2], tl.float32)
-    acc = tl.zeros([GROUP_P2, HEAD_DIM], tl.float32)
-    for s0 in range(0, num_active, SPLITS_BLOCK):
-        s = s0 + tl.arange(0, SPLITS_BLOCK)
-        mask = g_mask[:, None] & (s < num_active)[None, :]  # [GP2, SB]
-        idx = base[:, None] + s[None, :]  # [GP2, SB]
-        lse = tl.load(part_lse_ptr + idx, mask=mask, other=float("-inf"), cache_modifier=".cg")
-        m_new = tl.maximum(m, tl.max(lse, 1))  # finite for real heads: every active split holds keys
-        m_safe = tl.where(g_mask, m_new, 0.0)  # padded heads stay at -inf: keep their arithmetic finite
-        alpha = tl.exp2(m - m_safe)
-        w = tl.exp2(lse - m_safe[:, None])  # [GP2, SB], 0 for masked lanes
-        o = tl.load(part_o_ptr + idx[:, :, None] * HEAD_DIM + d[None, None, :], mask=mask[:, :, None], other=0.0,
-                    cache_modifier=".cg")  # [GP2, SB, D]
-        acc = acc * alpha[:, None] + tl.sum(w[:, :, None] * o, 1)
-        denom = denom * alpha + tl.sum(w, 1)
-        m = m_new
-    out = acc / tl.where(denom > 0.0, denom, 1.0)[:, None]  # [GP2, D]
-    heads = kv_head * GROUP + g
-    tl.store(out_ptr + seq.to(tl.int64) * stride_ot + heads[:, None] * stride_oh + d[None, :],
-             out.to(out_ptr.dtype.element_ty), mask=g_mask[:, None])
-
-
-@triton.jit(do_not_specialize=["num_splits", "min_split_len"])
-def _decode_reduce_kernel(
-    part_o_ptr, part_lse_ptr, seq_lens_ptr, out_ptr, num_splits, min_split_len, max_context, stride_ot, stride_oh,
-    HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, SPLITS_BLOCK: tl.constexpr, USE_PDL: tl.constexpr,
-):
-    if USE_PDL:
-        tl.extra.cuda.gdc_launch_dependents()
-        tl.extra.cuda.gdc_wait()
-    seq = tl.program_id(0)
-    head = tl.program_id(1)
-    seq_len = tl.minimum(tl.load(seq_lens_ptr + seq), max_context)
-    num_active = tl.cdiv(seq_len, _split_len(seq_len, num_splits, min_split_len, BLOCK_N))  # splits with keys
-    d = tl.arange(0, HEAD_DIM)
-    base = (seq.to(tl.int64) * tl.num_programs(1) + head) * num_splits
-    m = float("-inf")
-    denom = 0.0
-    acc = tl.zeros([HEAD_DIM], tl.float32)
-    for s0 in range(0, num_active, SPLITS_BLOCK):  # online combine, SPLITS_BLOCK partials at a time
-        s = s0 + tl.arange(0, SPLITS_BLOCK)
-        s_mask = s < num_active
-        lse = tl.load(part_lse_ptr + base + s, mask=s_mask, other=float("-inf"))  # [SPLITS_BLOCK]
-        m_new = tl.maximum(m, tl.max(lse, 0))  # finite: every active split holds keys
-        alpha = tl.exp2(m - m_new)
-        w = tl.exp2(lse - m_new)  # 0 for masked lanes
-        o = tl.load(part_o_ptr + (base + s)[:, None] * HEAD_DIM + d[None, :], mask=s_mask[:, None], other=0.0)
-        acc = acc * alpha + tl.sum(w[:, None] * o, 0)  # [D]
-        denom = denom * alpha + tl.sum(w, 0)
-        m = m_new
-    out = acc / tl.where(denom > 0.0, denom, 1.0)  # [D]; zeros for an empty sequence
-    tl.store(out_ptr + seq.to(tl.int64) * stride_ot + head * stride_oh + d, out.to(out_ptr.dtype.element_ty))
-
-
 def _check_decode_shapes(q: Tensor, kv_cache: Tensor, block_tables: Tensor) -> None:
     if q.dim() != 3 or kv_cache.dim() != 5 or q.shape[2] != kv_cache.shape[4]:
         raise ValueError(f"need q [T, Hq, D] and kv_cache [2, num_blocks, block_size, Hkv, D], "
@@ -374,15 +271,16 @@ def _launch(
     pdl_reduce = pdl_launch_options(q.device, enable=latency_bound(num_seqs, num_kv_heads, q.device))
     _decode_partial_kernel[(num_seqs, num_kv_heads, splits)](
         q, k, v, *cache_halves(kv_cache), slots, block_tables, seq_lens, out, part_o, part_lse,
-        counters if counters is not None else seq_lens, scale * LOG2E, splits, min_split_len, max_context, slots.shape[0],
+        counters if counters is not None else seq_lens, scale * LOG2E, splits, min_split_len, max_context,
+        slots.shape[0],
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), out.stride(0), out.stride(1),
         *cache_strides(kv_cache), block_tables.stride(0),
         GROUP=num_q_heads // num_kv_heads, GROUP_PAD=max(16, triton.next_power_of_2(num_q_heads // num_kv_heads)),
         HEAD_DIM=head_dim, BLOCK_SIZE=block_size, BLOCK_N=config.block_n, FUSE_WRITE=new_kv is not None,
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32", COMBINE=counters is not None,
         GROUP_P2=triton.next_power_of_2(num_q_heads // num_kv_heads), SPLITS_BLOCK=REDUCE_SPLITS_BLOCK,
-        TABLE_PAGES=table_pages(block_size, config.block_n, plan_table(num_seqs, num_kv_heads, splits, num_sms)),
-        num_warps=config.num_warps, num_stages=plan_stages(config, num_seqs, num_kv_heads, splits, num_sms),
+        TABLE_PAGES=plan_table(num_seqs, num_kv_heads, splits, num_sms, block_size, config.block_n),
+        num_warps=config.num_warps, num_stages=plan_stages(config, num_seqs, num_kv_heads, num_sms),
         **pdl,
     )
     if splits > 1 and counters is None:

@@ -1,7 +1,7 @@
 """How a paged decode-attention launch is planned: tile knobs, split count, whether the KV write is fused.
 
-Host-side only (the kernels are in :mod:`infer.runtime.kernels.decode_attention_triton`). Every
-quantity depends on static shapes (batch, heads, block-table width, SM count), never on the
+Host-side only (the kernels are in :mod:`.decode_attention_triton` and :mod:`.decode_combine_triton`).
+Every quantity depends on static shapes (batch, heads, block-table width, SM count), never on the
 contents of a step, so a launch planned at capture time replays correctly.
 """
 from __future__ import annotations
@@ -17,15 +17,27 @@ FUSE_KV_WRITE = os.environ.get("INFER_FUSE_KV_WRITE", "1") != "0"  # A/B switch 
 COMBINE_IN_PARTIAL = os.environ.get("INFER_DECODE_COMBINE", "1") != "0"  # A/B switch for benchmarks
 
 
+def _env_count(name: str, default: str, expected: str, valid=lambda n: True) -> int:
+    """A whole number from the environment (A/B runs), or a ``ValueError`` naming what is expected."""
+    value = os.environ.get(name, default)
+    if not value.isdigit() or not valid(int(value)):
+        raise ValueError(f"{name}={value!r}: expected {expected}")
+    return int(value)
+
+
 def _env_stages(name: str = "INFER_DECODE_STAGES") -> int | None:
-    """A forced pipelining depth from the environment (A/B runs); unset or 0: planned per launch."""
-    value = os.environ.get(name, "0")
-    if not value.isdigit():
-        raise ValueError(f"{name}={value!r}: expected a whole number of pipeline stages (0 or unset: planned)")
-    return int(value) or None
+    """A forced pipelining depth; unset or 0: planned per launch (:func:`plan_stages`)."""
+    return _env_count(name, "0", "a whole number of pipeline stages (0 or unset: planned)") or None
+
+
+def _env_table_pages(name: str = "INFER_DECODE_TABLE_PAGES") -> int:
+    """The block-table chunk of :func:`plan_table`: 0 (off) or a power of two; unset: 64."""
+    return _env_count(name, "64", "0 (per-tile table loads) or a power of two", lambda n: n & (n - 1) == 0)
 
 
 DECODE_STAGES = _env_stages()
+# Block-table entries a partial-kernel program holds in registers where ``plan_table`` says so.
+TABLE_PAGES = _env_table_pages()
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,7 +91,7 @@ def plan_splits(
 SHORT_GRID_PROGRAMS_PER_SM = 3  # from this many split programs per SM, short splits keep per-tile table loads
 
 
-def plan_stages(config: DecodeConfig, num_seqs: int, num_kv_heads: int, num_splits: int, num_sms: int) -> int:
+def plan_stages(config: DecodeConfig, num_seqs: int, num_kv_heads: int, num_sms: int) -> int:
     """Software-pipelining depth of the KV loads: ``config.num_stages`` if set, else 2 for a
     latency-bound launch (fewer (sequence, kv head) pairs than SMs) and 3 otherwise.
 
@@ -98,9 +110,22 @@ def plan_stages(config: DecodeConfig, num_seqs: int, num_kv_heads: int, num_spli
     return 2 if _few_pairs(num_seqs, num_kv_heads, num_sms) else 3
 
 
-def plan_table(num_seqs: int, num_kv_heads: int, num_splits: int, num_sms: int) -> bool:
-    """Whether the partial kernel holds its chunk of the block table in registers: a latency-bound
-    launch of fewer than ``SHORT_GRID_PROGRAMS_PER_SM`` split programs per SM.
+def table_pages(block_size: int, block_n: int) -> int:
+    """``TABLE_PAGES`` where its chunk can serve a ``block_n`` tiling (pages that tile a tile,
+    chunks of whole tiles), else 0."""
+    if TABLE_PAGES <= 0 or block_n % block_size or (TABLE_PAGES * block_size) % block_n:
+        return 0
+    return TABLE_PAGES
+
+
+def plan_table(num_seqs: int, num_kv_heads: int, num_splits: int, num_sms: int, block_size: int,
+               block_n: int) -> int:
+    """Block-table entries the partial kernel holds in registers per chunk (0: each tile loads its
+    own page ids): :func:`table_pages` for a latency-bound launch of fewer than
+    ``SHORT_GRID_PROGRAMS_PER_SM`` split programs per SM, else 0.
+
+    Triton does not pipeline a K/V load whose address comes from a load in the same loop
+    iteration; with the page ids in registers it does, and the compiled kernel holds deeper buffers.
 
     H200, session 14 (run 5), context 512, ms per step with it (2 stages) against per-tile table
     loads (the plan before, 3 stages): 0.6B batch 1 0.659-0.660 against 0.692-0.693, batch 4
@@ -110,7 +135,9 @@ def plan_table(num_seqs: int, num_kv_heads: int, num_splits: int, num_sms: int) 
     at batch 64-256 lost 7-35%): fewer of its programs fit on an SM.
     """
     many_short = num_seqs * num_kv_heads * num_splits >= SHORT_GRID_PROGRAMS_PER_SM * num_sms
-    return _few_pairs(num_seqs, num_kv_heads, num_sms) and not many_short
+    if many_short or not _few_pairs(num_seqs, num_kv_heads, num_sms):
+        return 0
+    return table_pages(block_size, block_n)
 
 
 def fuse_kv_write() -> bool:

@@ -209,16 +209,16 @@ def test_latency_bound_launches_take_two_stages_and_few_programs_the_table():
 
     def plan(batch, context=512):
         splits, _ = decode_plan.plan_splits(batch, 8, context, H100_SMS, config)
-        return (decode_plan.plan_stages(config, batch, 8, splits, H100_SMS),
-                decode_plan.plan_table(batch, 8, splits, H100_SMS))
+        return (decode_plan.plan_stages(config, batch, 8, H100_SMS),
+                decode_plan.plan_table(batch, 8, splits, H100_SMS, 16, config.block_n) > 0)
 
     assert [plan(b) for b in (1, 2, 4, 8, 16, 17, 32, 64, 256)] == [
         (2, True), (2, True), (2, True), (2, False), (2, False), (3, False), (3, False), (3, False), (3, False)]
     assert plan(8, context=2048) == (2, False)  # nine splits of four tiles: still 576 programs
     assert plan(1, context=64) == (2, True)  # one tile: one split
     forced = decode_plan.DecodeConfig(num_stages=4)
-    assert decode_plan.plan_stages(forced, 8, 8, 8, H100_SMS) == 4
-    assert decode_plan.plan_stages(forced, 64, 8, 1, H100_SMS) == 4
+    assert decode_plan.plan_stages(forced, 8, 8, H100_SMS) == 4
+    assert decode_plan.plan_stages(forced, 64, 8, H100_SMS) == 4
 
 
 def test_forced_stages_from_the_environment(monkeypatch):
@@ -238,13 +238,14 @@ def test_block_table_chunks_match_per_tile_loads(table_pages, num_splits, monkey
     ending mid-split and mid-sequence) give the output of per-tile table loads, bit for bit on
     the interpreter (``make_batch`` scatters the pages, so a wrong page id shows)."""
     from infer.runtime.kernels import decode_attention_triton as dat
-    monkeypatch.setattr(dat, "plan_table", lambda *args: True)  # as in latency-bound launches
+    # the chunk as a latency-bound launch of few programs would plan it
+    monkeypatch.setattr(dat, "plan_table", lambda *args: decode_plan.table_pages(*args[-2:]))
     batch = make_batch([1] * 4, [70, 33, 16, 100], 4, 2, 64, 16, device=DEVICE, width=8)
-    monkeypatch.setattr(dat, "TABLE_PAGES", 0)
-    assert dat.table_pages(16, 16) == 0
+    monkeypatch.setattr(decode_plan, "TABLE_PAGES", 0)
+    assert decode_plan.table_pages(16, 16) == 0
     per_tile, per_tile_cache, _, _ = run_both(batch, 0.125, num_splits)
-    monkeypatch.setattr(dat, "TABLE_PAGES", table_pages)
-    assert dat.table_pages(16, 16) == table_pages
+    monkeypatch.setattr(decode_plan, "TABLE_PAGES", table_pages)
+    assert decode_plan.table_pages(16, 16) == table_pages
     fused, fused_cache, two, _ = run_both(batch, 0.125, num_splits)
     torch.testing.assert_close(fused_cache, per_tile_cache, equal_nan=True, rtol=0, atol=0)
     torch.testing.assert_close(fused, per_tile, **SAME)
@@ -254,27 +255,27 @@ def test_block_table_chunks_match_per_tile_loads(table_pages, num_splits, monkey
 
 
 def test_table_chunk_needs_whole_pages_and_tiles(monkeypatch):
-    """The register-held table only where planned, with whole pages per tile, whole tiles per
-    chunk, and a power-of-two chunk."""
-    from infer.runtime.kernels import decode_attention_triton as dat
-    monkeypatch.setattr(dat, "TABLE_PAGES", 64)
-    assert dat.table_pages(16, 64) == 64  # 16-token pages, 64-token tiles
-    assert dat.table_pages(64, 64) == 64
-    assert dat.table_pages(128, 64) == 0  # a page larger than a tile: per-tile loads
-    assert dat.table_pages(16, 64, planned=False) == 0  # many programs: per-tile loads
-    monkeypatch.setattr(dat, "TABLE_PAGES", 3)
-    assert dat.table_pages(16, 16) == 0  # not a power of two
+    """The register-held table only where planned, with whole pages per tile and whole tiles per
+    chunk."""
+    monkeypatch.setattr(decode_plan, "TABLE_PAGES", 64)
+    assert decode_plan.table_pages(16, 64) == 64  # 16-token pages, 64-token tiles
+    assert decode_plan.table_pages(64, 64) == 64
+    assert decode_plan.table_pages(128, 64) == 0  # a page larger than a tile: per-tile loads
+    assert decode_plan.plan_table(1, 8, 8, H100_SMS, 16, 64) == 64  # 64 programs, latency-bound
+    assert decode_plan.plan_table(8, 8, 8, H100_SMS, 16, 64) == 0  # 512 short-split programs
+    assert decode_plan.plan_table(64, 8, 1, H100_SMS, 16, 64) == 0  # not latency-bound
+    monkeypatch.setattr(decode_plan, "TABLE_PAGES", 0)
+    assert decode_plan.plan_table(1, 8, 8, H100_SMS, 16, 64) == 0  # switched off
 
 
 def test_table_pages_from_the_environment(monkeypatch):
-    from infer.runtime.kernels import decode_attention_triton as dat
     monkeypatch.delenv("INFER_DECODE_TABLE_PAGES", raising=False)
-    assert dat._env_table_pages() == 64
+    assert decode_plan._env_table_pages() == 64
     monkeypatch.setenv("INFER_DECODE_TABLE_PAGES", "0")
-    assert dat._env_table_pages() == 0
+    assert decode_plan._env_table_pages() == 0
     monkeypatch.setenv("INFER_DECODE_TABLE_PAGES", "48")
     with pytest.raises(ValueError, match="INFER_DECODE_TABLE_PAGES='48': expected 0 .* or a power of two"):
-        dat._env_table_pages()
+        decode_plan._env_table_pages()
     monkeypatch.setenv("INFER_DECODE_TABLE_PAGES", "lots")
     with pytest.raises(ValueError, match="INFER_DECODE_TABLE_PAGES='lots'"):
-        dat._env_table_pages()
+        decode_plan._env_table_pages()
