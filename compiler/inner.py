@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import functools
+import re
 from typing import Callable, Sequence
 
 import torch
@@ -97,16 +98,35 @@ def call_boxed(fn: Callable, args: list) -> object:
 
 
 def decomposition_table() -> dict:
-    """One table for both inner compilers, so passes always see the same ATen spellings."""
+    """One table for both inner compilers, so passes always see the same ATen spellings.
+
+    Inductor's decompositions call into ``torch._inductor.lowering`` (``max_pool2d_with_indices``
+    asks it whether to fall back), which only Inductor itself imports: it is imported here so that
+    a model compiles the same whatever ran before it in the process.
+    """
+    import torch._inductor.lowering  # noqa: F401  (read by the decompositions when they run)
     from torch._inductor.decomposition import select_decomp_table
     return select_decomp_table()
+
+
+def module_path(placeholder: fx.Node) -> str | None:
+    """``layers.0.self_attn.q_proj.weight`` for a Dynamo input whose source is
+    ``L['self']._modules['layers']._modules['0']...._parameters['weight']``; None without a source."""
+    parts = re.findall(r"\['([^']+)'\]", source_name(placeholder) or "")
+    return ".".join(parts[1:]) if len(parts) > 1 else None
 
 
 def is_parameter_input(placeholder: fx.Node, value: object) -> bool:
     """Whether a Dynamo graph input is a parameter or buffer of the compiled module."""
     if isinstance(value, torch.nn.Parameter):
         return True
-    grapharg = placeholder.meta.get("grapharg")
-    source = getattr(grapharg, "source", None)
-    name = source.name() if callable(getattr(source, "name", None)) else str(source or "")
+    name = source_name(placeholder) or ""
     return "_buffers" in name or "_parameters" in name
+
+
+def source_name(placeholder: fx.Node) -> str | None:
+    """Dynamo's guard source of a graph input (``L['x']``, ``L['self']._modules[...]``), or None.
+    ``Source.name`` is a method in torch 2.11 and a property from 2.12 on."""
+    source = getattr(placeholder.meta.get("grapharg"), "source", None)
+    name = getattr(source, "name", None)
+    return name() if callable(name) else name

@@ -9,11 +9,11 @@ import torch
 from torch import fx
 
 from ..passes.base import PassContext
-from ..passes.manager import PassManager
+from ..passes.manager import PassManager, PassOptions
 from .cache import current_recording
 from .config import CompilerConfig
 from .errors import InferUsageError
-from .inner import call_boxed, decomposition_table, is_parameter_input
+from .inner import call_boxed, decomposition_table, is_parameter_input, module_path
 from .reload import fresh_tracing, same_as_reloaded
 from .report import REPORTS, CompileReport
 from .split import compile_pieces
@@ -28,7 +28,7 @@ def compile_graph(gm: fx.GraphModule, example_inputs: Sequence, config: Compiler
 
     frames_before = REPORTS.frames_compiled()
     report = CompileReport(inner_compiler=config.inner_compiler, cudagraph_mode=config.cudagraph_mode)
-    static = _static_inputs(gm, example_inputs)
+    static, names = _static_inputs(gm, example_inputs)
     recording = current_recording()
     record = recording.recorder(gm, example_inputs, config, report) if recording is not None else None
     start = time.perf_counter()
@@ -38,7 +38,7 @@ def compile_graph(gm: fx.GraphModule, example_inputs: Sequence, config: Compiler
         nonlocal transform_s
         begin = time.perf_counter()
         try:
-            return _transform_and_compile(aot_gm, aot_inputs, static, config, report, record)
+            return _transform_and_compile(aot_gm, aot_inputs, static, names, config, report, record)
         finally:
             transform_s += time.perf_counter() - begin
 
@@ -54,16 +54,20 @@ def compile_graph(gm: fx.GraphModule, example_inputs: Sequence, config: Compiler
     return compiled
 
 
-def _transform_and_compile(gm: fx.GraphModule, example_inputs: Sequence, static: list, config: CompilerConfig,
-                           report: CompileReport, record: Callable | None = None) -> Callable:
+def _transform_and_compile(gm: fx.GraphModule, example_inputs: Sequence, static: list, names: list,
+                           config: CompilerConfig, report: CompileReport, record: Callable | None = None) -> Callable:
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
-    static_by_name = {}
+    static_by_name, names_by_name = {}, {}
     if len(placeholders) == len(static):  # AOT keeps Dynamo's input order for inference graphs
         static_by_name = {n.name: t for n, t in zip(placeholders, static) if t is not None}
-    context = PassContext(report=report, static_inputs=static_by_name)
+        names_by_name = {n.name: name for n, name in zip(placeholders, names) if name}
+    context = PassContext(static_inputs=static_by_name, input_names=names_by_name)
     report.nodes_before = len(gm.graph.nodes)
     start = time.perf_counter()
-    report.passes = PassManager(config, context)(gm.graph)
+    report.passes = PassManager(PassOptions.of(config), context)(gm.graph)
+    for kind, n in context.fusions.items():
+        report.count_fusion(kind, n)
+    report.near_misses += context.near_misses
     gm.recompile()
     report.time_passes_s = time.perf_counter() - start
     report.nodes_after = len(gm.graph.nodes)
@@ -132,12 +136,15 @@ def _with_constants(compiled: Callable, constants: list, sources: list[tuple[int
     return run
 
 
-def _static_inputs(gm: fx.GraphModule, example_inputs: Sequence) -> list:
+def _static_inputs(gm: fx.GraphModule, example_inputs: Sequence) -> tuple[list, list]:
+    """Per Dynamo graph input: the tensor if it is a parameter or buffer (else None), and its
+    module path (``layers.0.mlp.up_proj.weight``, else None)."""
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     if len(placeholders) != len(example_inputs):
-        return [None] * len(example_inputs)
-    return [t if isinstance(t, torch.Tensor) and is_parameter_input(n, t) else None
-            for n, t in zip(placeholders, example_inputs)]
+        return [None] * len(example_inputs), [None] * len(example_inputs)
+    static = [t if isinstance(t, torch.Tensor) and is_parameter_input(n, t) else None
+              for n, t in zip(placeholders, example_inputs)]
+    return static, [module_path(n) if t is not None else None for n, t in zip(placeholders, static)]
 
 
 def _check_inference_only(example_inputs: Sequence) -> None:

@@ -9,8 +9,6 @@ from dataclasses import dataclass, field
 import torch
 from torch import fx
 
-from ..compiler.report import CompileReport
-
 
 @dataclass(slots=True)
 class PassContext:
@@ -22,10 +20,15 @@ class PassContext:
     which the compiled callable appends to every call. `extra_recipes` says, per extra input,
     how to make it again from the graph's own inputs (for the compile cache): ``("pack", names)``
     is `gemm_pack.pack_in_place` of the tensors behind those placeholders; None: it cannot be.
+    `input_names` maps a placeholder's name to the module path of the weight behind it
+    (``layers.0.self_attn.q_proj.weight``), where the caller knows it. What the passes did is
+    counted here (`fusions`, `near_misses`); the compiler copies it into its report.
     """
 
-    report: CompileReport
     static_inputs: dict[str, torch.Tensor] = field(default_factory=dict)
+    input_names: dict[str, str] = field(default_factory=dict)
+    fusions: dict[str, int] = field(default_factory=dict)  # fusion kind -> sites fused
+    near_misses: list[str] = field(default_factory=list)  # sites that looked close, with the reason
     extra_inputs: list[torch.Tensor] = field(default_factory=list)
     extra_recipes: list[tuple[str, tuple[str, ...]] | None] = field(default_factory=list)
 
@@ -43,7 +46,14 @@ class PassContext:
         return node
 
     def near_miss(self, pass_name: str, node: fx.Node, reason: str) -> None:
-        self.report.near_misses.append(f"{pass_name}: {node.name}: {reason}")
+        self.near_misses.append(f"{pass_name}: {node.name}: {reason}")
+
+    def count_fusion(self, kind: str, n: int = 1) -> None:
+        self.fusions[kind] = self.fusions.get(kind, 0) + n
+
+    def input_name(self, placeholder: str) -> str:
+        """The module path behind a placeholder, else the placeholder's own name."""
+        return self.input_names.get(placeholder, placeholder)
 
 
 class InferPass(abc.ABC):

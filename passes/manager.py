@@ -1,12 +1,13 @@
 """Runs the ordered list of passes the config asks for, linting and (optionally) dumping."""
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
+from dataclasses import dataclass
 
 from torch import fx
 
-from ..compiler.config import CompilerConfig
 from .base import InferPass, PassContext
 from .defunctionalize import DefunctionalizePass
 from .fused_add_rms_norm import FusedAddRMSNormPass
@@ -30,7 +31,26 @@ FUSED_OP_KINDS = {  # op in the final graph -> the fusions it stands for
 }
 
 
-def build_passes(config: CompilerConfig, context: PassContext) -> list[InferPass]:
+@dataclass(frozen=True, slots=True)
+class PassOptions:
+    """Which passes run, and how the manager checks them (the compiler maps its config onto this)."""
+
+    eliminate_noops: bool = True
+    fuse_norm: bool = True
+    fuse_activation: bool = True
+    fuse_gemm: bool = True
+    fuse_linear: bool = True
+    fuse_qk_norm_rope: bool = True  # rewrites the infer.rms_norm nodes the norm pass made
+    lint: bool = True
+    dump_graphs: bool = False
+
+    @classmethod
+    def of(cls, config: object) -> "PassOptions":
+        """The options of any object with these attributes (the compiler's config)."""
+        return cls(**{f.name: getattr(config, f.name) for f in dataclasses.fields(cls)})
+
+
+def build_passes(config: PassOptions, context: PassContext) -> list[InferPass]:
     """The explicit, ordered pass list for this config."""
     passes: list[InferPass] = []
     if config.eliminate_noops:
@@ -50,7 +70,7 @@ def build_passes(config: CompilerConfig, context: PassContext) -> list[InferPass
 
 
 class PassManager:
-    def __init__(self, config: CompilerConfig, context: PassContext) -> None:
+    def __init__(self, config: PassOptions, context: PassContext) -> None:
         self.config = config
         self.context = context
         self.passes = build_passes(config, context)
@@ -77,7 +97,7 @@ class PassManager:
         for node in graph.nodes:
             if node.op == "call_function" and getattr(node.target, "namespace", None) == "infer":
                 for kind in FUSED_OP_KINDS.get(node.target._opname, ()):
-                    self.context.report.count_fusion(kind)
+                    self.context.count_fusion(kind)
 
     def uuid(self) -> str:
         return "-".join(p.uuid() for p in self.passes)

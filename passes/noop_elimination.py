@@ -6,11 +6,12 @@ from torch import fx
 from torch.fx.experimental.symbolic_shapes import statically_known_true, sym_eq
 
 from .base import InferPass, is_op, node_value
+from .patterns import VIEWS
 
 aten = torch.ops.aten
 prims = torch.ops.prims
 
-_VIEWS = (aten.view.default, aten.reshape.default, aten._unsafe_view.default)
+_VIEWS = VIEWS + (aten.reshape.default,)
 
 
 class NoopEliminationPass(InferPass):

@@ -14,6 +14,7 @@ prims = torch.ops.prims
 ADDS = (aten.add.Tensor, aten.add.Scalar, aten.add_.Tensor, aten.add_.Scalar)
 MULS = (aten.mul.Tensor, aten.mul_.Tensor)
 CONVERT = prims.convert_element_type.default
+VIEWS = (aten.view.default, aten._unsafe_view.default)
 
 
 def tensor_val(node) -> torch.Tensor | None:

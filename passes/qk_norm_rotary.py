@@ -6,10 +6,10 @@ from torch import fx
 
 from ..runtime import ops  # noqa: F401  (registers torch.ops.infer.*)
 from .base import InferPass, is_op
-from .patterns import aten
+from .patterns import VIEWS, aten
 
 infer = torch.ops.infer
-_VIEWS = (aten.view.default, aten.reshape.default, aten._unsafe_view.default)
+_VIEWS = VIEWS + (aten.reshape.default,)
 
 
 class QKNormRotaryPass(InferPass):

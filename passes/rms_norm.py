@@ -12,6 +12,11 @@ from .patterns import (ADDS, CONVERT, MULS, STRIDED_RESULT, aten, is_cast, is_la
 _FLOATS = (torch.float32, torch.bfloat16, torch.float16)
 
 
+def _promotes_to_f32(node: fx.Node) -> bool:
+    val = tensor_val(node)
+    return val is not None and val.dtype == torch.float32
+
+
 class RMSNormPass(InferPass):
     """Matches every common RMSNorm spelling, anchored at its `rsqrt`.
 
@@ -25,7 +30,7 @@ class RMSNormPass(InferPass):
         out = infer.rms_norm(x, w, eps, cast_before_weight=True, out_dtype=bf16)
 
     Also: no casts (fp32), weight applied before the final cast (`F.rms_norm`, Gemma's `1 + w`
-    computed in fp32), no weight, and per-head q/k norms over the last dim of a reshaped tensor.
+    computed in fp32), the uncast input times the fp32 rsqrt (T5: promoted to fp32), no weight, and per-head q/k norms over the last dim of a reshaped tensor.
     Left alone: a variance, rsqrt or normalized intermediate used outside the norm, a reduction
     over another dim, a weight that broadcasts over anything but the last dim, or a result that
     is not contiguous (a norm over a transposed view keeps its input's layout in eager, and later
@@ -60,9 +65,14 @@ class RMSNormPass(InferPass):
         if not (len(mean.args) > 2 and mean.args[2]) or not is_last_dim(mean.args[1], h_val.dim()):
             return miss("mean is not over the last dim with keepdim=True")
         y = only_user(rsqrt)
-        if y is None or not is_op(y, *MULS) or other_operand(y, rsqrt) is not h:
+        if y is None or not is_op(y, *MULS):
             return miss("rsqrt is used outside the norm")
         x = h.args[0] if is_cast(h, torch.float32) else h
+        scaled = other_operand(y, rsqrt)
+        # T5 multiplies the bf16/fp16 input itself by the fp32 rsqrt: type promotion upcasts it
+        # exactly, so the product is the one of the upcast input
+        if scaled is not h and not (scaled is x and x is not h and _promotes_to_f32(y)):
+            return miss("rsqrt multiplies a value other than the norm's input")
         x_val = tensor_val(x)
         if h_val.dtype != torch.float32 or x_val is None or x_val.dtype not in _FLOATS:
             return miss(f"norm computed in {h_val.dtype}, input {None if x_val is None else x_val.dtype}")

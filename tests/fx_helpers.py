@@ -7,7 +7,6 @@ import torch
 from torch.fx.experimental.proxy_tensor import make_fx
 
 from infer.compiler.inner import decomposition_table
-from infer.compiler.report import CompileReport
 from infer.passes.base import PassContext
 
 
@@ -21,7 +20,7 @@ def context_for(gm, static: dict[int, torch.Tensor] | None = None) -> PassContex
     """A pass context; `static` maps positional input indices to the real weights behind them."""
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     static_inputs = {placeholders[i].name: t for i, t in (static or {}).items()}
-    return PassContext(report=CompileReport(inner_compiler="eager"), static_inputs=static_inputs)
+    return PassContext(static_inputs=static_inputs)
 
 
 def op_counts(gm) -> Counter:

@@ -144,7 +144,7 @@ def test_one_graph_for_several_modules_packs_each_modules_weights():
     with torch.inference_mode():
         expected = model(x)
         got = torch.compile(model, backend="infer", options={"inner_compiler": "eager"})(x)
-    assert ic.last_report().fusions.get("qkv", 0) >= 1  # the blocks' graph packs q/k/v
+    assert ic.last_report().fusions.get("pack(q,k,v)", 0) >= 1  # the blocks' graph packs q/k/v
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
     for block in model.blocks:  # each block's weights are views of its own pack now
         assert block.k.weight.data_ptr() == block.q.weight.data_ptr() + block.q.weight.numel() * 4
@@ -163,3 +163,23 @@ def test_one_graph_for_several_modules_does_not_replay_other_weights():
             torch._dynamo.mark_dynamic(x, 0)
             got = compiled(x)
             torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("inner", ["eager", "inductor"])
+def test_max_pool_compiles_in_a_fresh_process(inner):
+    """A model with nn.MaxPool2d compiles as the first thing a process does (Inductor's
+    decompositions read Inductor's lowerings, which nothing else has imported yet)."""
+    import subprocess
+    import sys
+    import textwrap
+    code = textwrap.dedent(f"""
+        import torch
+        m = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU(), torch.nn.MaxPool2d(2)).eval()
+        x = torch.randn(2, 3, 9, 9)
+        with torch.inference_mode():
+            out = torch.compile(m, backend="infer", options={{"inner_compiler": "{inner}"}})(x)
+            torch.testing.assert_close(out, m(x), atol=1e-5, rtol=1e-5)
+        print("ok")
+    """)
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0 and run.stdout.strip() == "ok", run.stderr[-3000:]

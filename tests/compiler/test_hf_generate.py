@@ -23,4 +23,4 @@ def test_greedy_generate_matches_eager(name):
         actual = model.generate(ids, **kwargs)
     assert torch.equal(actual, expected), (actual, expected)
     fusions = ic.last_report().fusions  # the last compile: a cached decode step
-    assert fusions.get("fused_add_rms_norm", 0) > 0 and fusions.get("qkv", 0) > 0, fusions
+    assert fusions.get("fused_add_rms_norm", 0) > 0 and fusions.get("pack(q,k,v)", 0) > 0, fusions

@@ -63,7 +63,7 @@ def test_the_layer_graph_holds_every_fusion_of_a_whole_model():
     with forward_context(md), torch.inference_mode():
         stages.layer(layer, hidden, torch.zeros_like(hidden), cos_sin)
     report = ic.last_report()
-    assert report.fusions == {"qkv": 1, "gate_up": 1, "fused_add_rms_norm": 2, "linear_prologue": 3,
+    assert report.fusions == {"pack(q,k,v)": 1, "pack(gate,up)": 1, "fused_add_rms_norm": 2, "linear_prologue": 3,
                               "rms_norm": 2, "qk_norm_rotary": 1, "silu_and_mul": 1}
     assert report.split_ops == {"infer::paged_attention": 1}
 

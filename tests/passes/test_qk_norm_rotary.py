@@ -10,10 +10,9 @@ from conftest import DEVICES
 from fx_helpers import aten_graph, context_for, op_counts, run_pass
 from infer.compiler.config import CompilerConfig
 from infer.compiler.inner import decomposition_table
-from infer.compiler.report import CompileReport
 from infer.models.loader import load_model
 from infer.passes.base import PassContext
-from infer.passes.manager import PassManager, build_passes
+from infer.passes.manager import PassManager, PassOptions, build_passes
 from infer.passes.qk_norm_rotary import QKNormRotaryPass
 from infer.passes.rms_norm import RMSNormPass
 from infer.runtime.attention import Attention, AttentionMetadata, forward_context
@@ -117,14 +116,14 @@ def test_look_alikes_are_left_alone(fn):
     rewrites, context = run_pass(QKNormRotaryPass, gm)
     assert rewrites == 0 and op_counts(gm) == before
     reason = LEFT_ALONE[fn]
-    misses = [m for m in context.report.near_misses if m.startswith("qk_norm_rotary")]
+    misses = [m for m in context.near_misses if m.startswith("qk_norm_rotary")]
     assert (reason is None and not misses) or any(reason in m for m in misses), misses
     check_numbers(gm, fn, args)
 
 
 def test_flag_and_order():
-    context = PassContext(report=CompileReport(inner_compiler="eager"))
-    names = lambda config: [p.name for p in build_passes(config, context)]  # noqa: E731
+    context = PassContext()
+    names = lambda config: [p.name for p in build_passes(PassOptions.of(config), context)]  # noqa: E731
     on = names(CompilerConfig())
     assert on.index("rms_norm") < on.index("qk_norm_rotary") < on.index("linear_prologue")
     assert "qk_norm_rotary" not in names(CompilerConfig(fuse_qk_norm_rope=False))
@@ -174,12 +173,12 @@ def test_model_graph_holds_one_op_per_layer(kind, tmp_path):
     with forward_context(metadata), torch.no_grad():
         gm = make_fx(model, decomposition_table=decomposition_table())(ids, positions)
         context = context_for(gm)
-        PassManager(CompilerConfig(), context)(gm.graph)
+        PassManager(PassOptions(), context)(gm.graph)
     counts = op_counts(gm)
     assert {op: counts[op] for op in EXPECTED[kind]} == EXPECTED[kind]
     head_norms = [n for n in gm.graph.nodes if str(n.target) == RMS and n.args[0].meta["val"].dim() == 3]
     assert head_norms == []
-    assert context.report.fusions.get("qk_norm_rotary", 0) == EXPECTED[kind][FUSED]
+    assert context.fusions.get("qk_norm_rotary", 0) == EXPECTED[kind][FUSED]
 
 
 @pytest.mark.parametrize("device", DEVICES)

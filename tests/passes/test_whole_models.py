@@ -11,13 +11,14 @@ from conftest import DEVICES
 from tiny_hf import logits_of, tiny_model
 
 L = 2  # layers of every tiny model
-LLAMA_FAMILY = {"rms_norm": 1, "fused_add_rms_norm": 2 * L, "qkv": L, "gate_up": L, "silu_and_mul": L}
+QKV, GATE_UP = "pack(q,k,v)", "pack(gate,up)"  # named by the projections packed
+LLAMA_FAMILY = {"rms_norm": 1, "fused_add_rms_norm": 2 * L, QKV: L, GATE_UP: L, "silu_and_mul": L}
 EXPECTED = {
     "llama": LLAMA_FAMILY,
     "qwen2": LLAMA_FAMILY,
     "mistral": LLAMA_FAMILY,
     "qwen3": dict(LLAMA_FAMILY, rms_norm=1 + 2 * L),           # + q/k norms per layer
-    "phi3": dict(LLAMA_FAMILY, qkv=0, gate_up=0),              # already packed in the checkpoint
+    "phi3": dict(LLAMA_FAMILY, **{QKV: 0, GATE_UP: 0}),        # already packed in the checkpoint
     "gemma": dict(LLAMA_FAMILY, silu_and_mul=0),               # GELU-gated MLP; 1 + w norms fused
     # q/k norms over transposed views stay eager (their layout is viewed later); Gemma 3's
     # post-attention / post-feedforward norms are plain norms, its pre-feedforward one takes the add
@@ -100,7 +101,7 @@ _MEMORY_PROBE = textwrap.dedent("""
         logits_of(torch.compile(model, backend="infer",
                                 options={"inner_compiler": "eager", "fuse_gemm": fuse_gemm}), ids)
     after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    assert ic.last_report().fusions.get("qkv", 0) == (6 if fuse_gemm else 0), ic.last_report().fusions
+    assert ic.last_report().fusions.get("pack(q,k,v)", 0) == (6 if fuse_gemm else 0), ic.last_report().fusions
     print((after - before) / param_bytes)
 """)
 
