@@ -38,7 +38,7 @@ WARMUP_PROMPT_LEN = 8  # token ids of the warm-up prompts that compile outside t
 
 def generate(args: argparse.Namespace) -> int:
     """Complete the prompts with the engine; print each completion and the decode throughput."""
-    from .runtime import LLM, SamplingParams
+    from . import LLM, SamplingParams
 
     try:
         params = SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
@@ -67,7 +67,7 @@ def generate(args: argparse.Namespace) -> int:
 
 def _warm_up(llm, num_prompts: int) -> None:
     """Compile the prefill graph and the decode graphs (batch of ``num_prompts``, then of 1) untimed."""
-    from .runtime import SamplingParams
+    from . import SamplingParams
 
     prompts = [[1] * WARMUP_PROMPT_LEN for _ in range(num_prompts)]
     params = [SamplingParams(temperature=0.0, max_tokens=3 if i == 0 else 2, ignore_eos=True)

@@ -16,22 +16,15 @@ import statistics
 import time
 
 import torch
-import transformers
 
 from ..compiler.stages import compile_stages
 from ..models.qwen import Qwen3ForCausalLM
 from ..runtime.attention import Attention, AttentionMetadata, forward_context
 from ..runtime.engine.model_runner import StepGraph
+from . import floor
 from .harness import write_rows
+from .shapes import SHAPES, qwen3_config  # noqa: F401 (the benchmarks' shapes, named here too)
 
-SHAPES = {
-    "0.6b": dict(hidden_size=1024, num_hidden_layers=28, num_attention_heads=16, num_key_value_heads=8,
-                 head_dim=128, intermediate_size=3072, vocab_size=151936, tie_word_embeddings=True),
-    "8b": dict(hidden_size=4096, num_hidden_layers=36, num_attention_heads=32, num_key_value_heads=8,
-               head_dim=128, intermediate_size=12288, vocab_size=151936, tie_word_embeddings=False),
-    "tiny": dict(hidden_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                 head_dim=64, intermediate_size=256, vocab_size=512, tie_word_embeddings=True),  # CPU tests
-}
 BLOCK = 16
 MODES = {  # name -> compile options (None = eager PyTorch, no compile); full-*: stage by stage, as the
     # engine compiles, unless "staged": False (one whole-forward graph)
@@ -55,15 +48,7 @@ MODES = {  # name -> compile options (None = eager PyTorch, no compile); full-*:
 
 def copy_bandwidth() -> float:
     """GB/s of the standard 2 GiB bf16 device copy (:func:`infer.benchmarks.floor.copy_bandwidth`)."""
-    from .floor import copy_bandwidth as measure  # floor imports this module
-    return measure("cuda")
-
-
-def qwen3_config(shape: str) -> transformers.Qwen3Config:
-    """The ``transformers.Qwen3Config`` of a named shape (see ``SHAPES``)."""
-    if shape not in SHAPES:
-        raise ValueError(f"unknown shape {shape!r}; known: {sorted(SHAPES)}")
-    return transformers.Qwen3Config(**SHAPES[shape], max_position_embeddings=40960)
+    return floor.copy_bandwidth("cuda")
 
 
 def bind_kv(model, num_blocks: int, device: str = "cuda") -> None:

@@ -15,7 +15,8 @@ import time
 
 import torch
 
-from ..runtime import LLM, SamplingParams
+from ..runtime.engine.llm import LLM
+from ..runtime.engine.sampling import SamplingParams
 from .decode_step import qwen3_config
 from .hf_baselines import save_checkpoint
 

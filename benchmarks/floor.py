@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from .decode_step import qwen3_config
+from .shapes import qwen3_config
 from .harness import Column, Settings, Table, measure, median_ms, ok_rows, open_table, release_memory, status_of
 
 logger = logging.getLogger(__name__)

@@ -23,9 +23,6 @@ everything the graph depends on that this module can see; `extra` must add the r
 """
 from __future__ import annotations
 
-import contextlib
-import contextvars
-import dataclasses
 import functools
 import hashlib
 import inspect
@@ -36,24 +33,20 @@ import re
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable
 
 import torch
-from torch import fx
 
 from .config import CompilerConfig
-from .graph_io import Unsupported, dump_graph
 from .inner import call_boxed
-from .reload import compile_entry
+from .pipeline import compile_transformed
+from .report import REPORTS, CompileReport
+from .recording import Recording, current_recording, graph_breaks, recording  # noqa: F401 (re-exported)
+from .reload import fresh_tracing, reloaded
 
 logger = logging.getLogger("infer")
 
 FORMAT = 2
-_LOCAL = r"L\['([A-Za-z_]\w*)'\]"
-_MODULE_TENSOR = re.compile(rf"^{_LOCAL}((?:\._modules\['[^']+'\])*)\._(parameters|buffers)\['([^']+)'\]$")
-_ARGUMENT = re.compile(rf"^{_LOCAL}$")
-_SIZE = re.compile(rf"^{_LOCAL}\.size\(\)\[(\d+)\]$")
-_RECORDING: contextvars.ContextVar[Recording | None] = contextvars.ContextVar("infer_cache_recording", default=None)
 
 
 def cache_key(module: torch.nn.Module, options: dict | CompilerConfig | None, extra: str = "") -> str:
@@ -83,58 +76,6 @@ def source_digest() -> str:
         if path.parent.name not in ("kernels", "engine"):
             digest.update(str(path.relative_to(root)).encode() + b"\0" + path.read_bytes())
     return digest.hexdigest()
-
-
-class Recording:
-    """What `backend="infer"` compiled while `recording()` was active: graphs and reasons not to cache."""
-
-    def __init__(self) -> None:
-        self.graphs: list[dict] = []
-        self.problems: list[str] = []
-        self.graph_breaks = graph_breaks()
-        self.stage_tuples: dict[str, bool] = {}  # stage name -> whether it returned a tuple
-
-    def recorder(self, gm: fx.GraphModule, example_inputs: Sequence, config: CompilerConfig,
-                 report) -> Callable[[fx.GraphModule, list], None]:
-        """Called by the pipeline with the Dynamo graph; returns what it calls after the passes."""
-        from .stages import current_stage
-
-        inputs = _dynamo_inputs(gm, example_inputs, self.problems)
-        stage = current_stage()
-
-        entry: dict = {}
-
-        def record(transformed: fx.GraphModule, recipes: list) -> dict | None:
-            """The recorded entry (its "graph" is what is saved); None if it cannot be saved."""
-            try:
-                entry.update(_entry(transformed, inputs, recipes, config, report), stage=stage)
-            except Unsupported as e:
-                self.problems.append(str(e))
-                return None
-            self.graphs.append(entry)
-            return entry
-
-        def attach(compiled: Callable) -> None:
-            """The callable Dynamo runs for the graph (Dynamo's inputs, packs added inside)."""
-            if entry:
-                entry["runtime"] = compiled
-        record.attach = attach
-        return record
-
-
-@contextlib.contextmanager
-def recording() -> Iterator[Recording]:
-    """Record every graph `backend="infer"` compiles in this context (for `store`)."""
-    rec = Recording()
-    token = _RECORDING.set(rec)
-    try:
-        yield rec
-    finally:
-        _RECORDING.reset(token)
-
-
-def current_recording() -> Recording | None:
-    return _RECORDING.get()
 
 
 def store(directory: str | os.PathLike, key: str, rec: Recording, forward: Callable, output: object) -> Path | None:
@@ -239,71 +180,6 @@ def feed(feed: tuple, args: tuple) -> object:
     return args[where] if kind == "arg" else args[where].shape[which]
 
 
-def _entry(gm: fx.GraphModule, inputs: list[dict] | None, recipes: list, config: CompilerConfig, report) -> dict:
-    """The saved form of one transformed graph (raises Unsupported)."""
-    outputs = _check_aot_metadata()
-    placeholders = gm.graph.find_nodes(op="placeholder")
-    if inputs is None or len(placeholders) != len(inputs) + len(recipes):
-        raise Unsupported("the graph's inputs do not line up with Dynamo's")
-    bindings = list(inputs)
-    names = {p.name: i for i, p in enumerate(placeholders)}
-    for recipe in recipes:
-        if recipe is None or recipe[0] != "pack" or any(inputs[names[n]]["kind"] != "tensor" for n in recipe[1]):
-            raise Unsupported(f"a pass made an input the cache cannot make again: {recipe}")
-        bindings.append({"kind": "pack", "of": [names[n] for n in recipe[1]]})
-    options = {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(config).items()}
-    return {"graph": dump_graph(gm.graph), "inputs": bindings, "config": options, "outputs": outputs,
-            "report": {"passes": dict(report.passes), "fusions": dict(report.fusions),
-                       "nodes_before": report.nodes_before}}
-
-
-def _dynamo_inputs(gm: fx.GraphModule, example_inputs: Sequence, problems: list[str]) -> list[dict] | None:
-    """Where each Dynamo graph input comes from, by its guard source; None (with a problem) if unknown."""
-    from torch.fx.experimental.symbolic_shapes import free_symbols, free_unbacked_symbols
-
-    out = []
-    for node, real in zip(gm.graph.find_nodes(op="placeholder"), example_inputs):
-        value = node.meta.get("example_value", real)  # the fake one, with symbolic sizes
-        source = getattr(node.meta.get("grapharg"), "source", None)
-        name = source.name() if callable(getattr(source, "name", None)) else getattr(source, "name", None)
-        if free_symbols(value) != free_unbacked_symbols(value):
-            problems.append(f"{name} has backed dynamic sizes, whose guards the cache does not check")
-            return None
-        if (m := _MODULE_TENSOR.match(name or "")) and m.group(1) == "self":
-            path = ".".join(re.findall(r"\['([^']+)'\]", m.group(2)))
-            out.append({"kind": "tensor", "path": path, "dict": f"_{m.group(3)}", "name": m.group(4),
-                        "shape": list(value.shape), "dtype": str(value.dtype), "device": str(value.device)})
-        elif m := _ARGUMENT.match(name or ""):
-            if not isinstance(value, torch.Tensor):
-                problems.append(f"argument {name} is not a tensor")
-                return None
-            out.append({"kind": "input", "arg": m.group(1), "dtype": str(value.dtype), "device": value.device.type,
-                        "shape": [d if isinstance(d, int) else None for d in value.shape]})
-        elif m := _SIZE.match(name or ""):
-            out.append({"kind": "size", "arg": m.group(1), "dim": int(m.group(2))})
-        else:
-            problems.append(f"graph input {node.name} comes from {name!r}")
-            return None
-    return out
-
-
-def _check_aot_metadata() -> int:
-    from torch._functorch._aot_autograd.schemas import MutationType, OutputType, SubclassCreationMeta
-
-    context = torch._guards.TracingContext.try_get()
-    meta = getattr(context, "fw_metadata", None)
-    if meta is None:
-        raise Unsupported("no AOT metadata for the graph")
-    if not meta.output_info or any(o.output_type != OutputType.non_alias for o in meta.output_info):
-        raise Unsupported("the graph does not return only fresh tensors")
-    if any(i.mutation_type not in (MutationType.NOT_MUTATED, MutationType.MUTATED_IN_GRAPH) for i in meta.input_info):
-        raise Unsupported("an input mutation happens outside the graph")
-    if meta.tokens or meta.num_intermediate_bases or any(
-            isinstance(m, SubclassCreationMeta) for m in meta.subclass_inp_meta):
-        raise Unsupported("the graph uses effect tokens, intermediate bases or tensor subclasses")
-    return len(meta.output_info)
-
-
 def _load(data: dict, module: torch.nn.Module) -> CachedForward:
     feeds, constants, checks = bind(data["inputs"], data["args"], module)
     compiled, report = compile_entry(data, constants)
@@ -343,12 +219,26 @@ def entry_path(directory: str | os.PathLike, key: str) -> Path:
     return Path(directory) / f"{key}.json"
 
 
-def graph_breaks() -> int:
-    from torch._dynamo.utils import counters
-    return sum(counters["graph_break"].values())
-
-
 def _describe(a: object) -> str:
     if isinstance(a, torch.Tensor):
         return f"a {list(a.shape)} {a.dtype} tensor on {a.device.type}"
     return f"a {type(a).__name__}"
+
+
+def compile_entry(data: dict, constants: list) -> tuple[Callable, Any]:
+    """Split and inner-compile a saved graph; `constants` (weight packs) are appended to its inputs
+    by the returned callable (none: the caller appends them). Returns (callable, report)."""
+    config = CompilerConfig.from_options(data["config"])
+    gm, values = reloaded(data["graph"], config)
+    if len(data["inputs"]) != len(values):
+        raise ValueError(f"{len(data['inputs'])} input bindings for {len(values)} graph inputs")
+    report = CompileReport(inner_compiler=config.inner_compiler, cudagraph_mode=config.cudagraph_mode, cached=True,
+                           passes=data["report"]["passes"], fusions=data["report"]["fusions"],
+                           nodes_before=data["report"]["nodes_before"], nodes_after=len(gm.graph.nodes))
+    frames_before = REPORTS.frames_compiled()
+    is_static = [b["kind"] in ("tensor", "pack") for b in data["inputs"]]
+    with fresh_tracing(values):
+        compiled = compile_transformed(gm, values, is_static, constants, config, report)
+    report.time_total_s = report.time_inner_s
+    REPORTS.publish(report, frames_before)
+    return compiled, report

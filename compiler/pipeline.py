@@ -10,10 +10,10 @@ from torch import fx
 
 from ..passes.base import PassContext
 from ..passes.manager import PassManager, PassOptions
-from .cache import current_recording
 from .config import CompilerConfig
 from .errors import InferUsageError
 from .inner import call_boxed, decomposition_table, is_parameter_input, module_path
+from .recording import current_recording
 from .reload import fresh_tracing, same_as_reloaded
 from .report import REPORTS, CompileReport
 from .split import compile_pieces

@@ -9,35 +9,13 @@ from __future__ import annotations
 
 import contextlib
 import json
-from typing import Any, Callable, Iterator
+from typing import Iterator
 
 import torch
 from torch import fx
 
 from .config import CompilerConfig
 from .graph_io import load_graph
-
-
-def compile_entry(data: dict, constants: list) -> tuple[Callable, Any]:
-    """Split and inner-compile a saved graph; `constants` (weight packs) are appended to its inputs
-    by the returned callable (none: the caller appends them). Returns (callable, report)."""
-    from .pipeline import compile_transformed
-    from .report import REPORTS, CompileReport
-
-    config = CompilerConfig.from_options(data["config"])
-    gm, values = reloaded(data["graph"], config)
-    if len(data["inputs"]) != len(values):
-        raise ValueError(f"{len(data['inputs'])} input bindings for {len(values)} graph inputs")
-    report = CompileReport(inner_compiler=config.inner_compiler, cudagraph_mode=config.cudagraph_mode, cached=True,
-                           passes=data["report"]["passes"], fusions=data["report"]["fusions"],
-                           nodes_before=data["report"]["nodes_before"], nodes_after=len(gm.graph.nodes))
-    frames_before = REPORTS.frames_compiled()
-    is_static = [b["kind"] in ("tensor", "pack") for b in data["inputs"]]
-    with fresh_tracing(values):
-        compiled = compile_transformed(gm, values, is_static, constants, config, report)
-    report.time_total_s = report.time_inner_s
-    REPORTS.publish(report, frames_before)
-    return compiled, report
 
 
 def reloaded(nodes: list, config: CompilerConfig) -> tuple[fx.GraphModule, list]:

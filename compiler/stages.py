@@ -1,4 +1,5 @@
-"""Compile a model stage by stage (:class:`infer.models.stages.Stages`).
+"""Compile a model stage by stage: a ``NamedTuple`` of stage functions, each called
+``stage(module, *tensors)`` (the models' ``Stages``: prepare, layer, finish).
 
 Dynamo traces each stage function once, with the module's weights as graph inputs
 (``inline_inbuilt_nn_modules``), so one graph serves every decoder layer: tracing, AOT and the
@@ -16,8 +17,6 @@ engine capturing whole steps (full decode graphs) is the intended user.
 from __future__ import annotations
 
 import abc
-import contextlib
-import contextvars
 import inspect
 import logging
 import os
@@ -27,34 +26,15 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 import torch
 from torch._dynamo.decorators import mark_unbacked
 
-from ..models.stages import Stages
-from . import cache
+from . import cache, recording
 from .errors import InferUsageError
 from .inner import call_boxed
-from .reload import compile_entry
 
 logger = logging.getLogger("infer")
 
 # Stages that hold no pattern a fusion pass rewrites: ``prepare`` is the embedding lookup and the
 # rotary tables (every pass finds 0 there; test_the_prepare_stage_has_nothing_to_fuse).
 UNFUSED_STAGES = ("prepare",)
-
-_STAGE: contextvars.ContextVar[str | None] = contextvars.ContextVar("infer_stage", default=None)
-
-
-def current_stage() -> str | None:
-    """The name of the stage whose compiled function is running, if any (read by the cache recorder)."""
-    return _STAGE.get()
-
-
-@contextlib.contextmanager
-def running_stage(name: str) -> Iterator[None]:
-    token = _STAGE.set(name)
-    try:
-        yield
-    finally:
-        _STAGE.reset(token)
-
 
 class CompiledStage:
     """``torch.compile(fn, backend="infer")`` called as ``stage(module, *tensors)``.
@@ -73,9 +53,9 @@ class CompiledStage:
         for a in args:
             if isinstance(a, torch.Tensor) and a.dim() > 0:
                 mark_unbacked(a, 0)
-        with running_stage(self.name):
+        with recording.running_stage(self.name):
             out = self.compiled(module, *args)
-        rec = cache.current_recording()
+        rec = recording.current_recording()
         if rec is not None:
             rec.stage_tuples[self.name] = isinstance(out, tuple)
         return out
@@ -98,6 +78,9 @@ class PlainStage:
         return f"PlainStage({self.name}: {getattr(self.fn, '__qualname__', self.fn)!r})"
 
 
+Stages = tuple  # a NamedTuple of stage functions or stage callables; its fields name the stages
+
+
 def compile_stages(stages: Stages, options: Mapping[str, Any], plain: Sequence[str] = ()) -> Stages:
     """Each stage of ``stages`` compiled on its own with backend options ``options``; the stages
     named in ``plain`` stay uncompiled (:class:`PlainStage`)."""
@@ -105,32 +88,32 @@ def compile_stages(stages: Stages, options: Mapping[str, Any], plain: Sequence[s
         raise InferUsageError(
             f"stage-by-stage compilation needs cudagraph_mode='none' (got {options['cudagraph_mode']!r}): "
             "CUDA graphs captured per piece hold the first module's weights; capture whole steps instead")
-    _check_stage_names(plain)
-    return Stages(*(PlainStage(name, fn) if name in plain else CompiledStage(name, fn, options)
-                    for name, fn in zip(Stages._fields, stages)))
+    _check_stage_names(stages, plain)
+    return type(stages)(*(PlainStage(name, fn) if name in plain else CompiledStage(name, fn, options)
+                          for name, fn in zip(stages._fields, stages)))
 
 
-def _check_stage_names(names: Sequence[str]) -> None:
-    unknown = sorted(set(names) - set(Stages._fields))
+def _check_stage_names(stages: Stages, names: Sequence[str]) -> None:
+    unknown = sorted(set(names) - set(stages._fields))
     if unknown:
-        raise ValueError(f"unknown stages {unknown}; the stages are {list(Stages._fields)}")
+        raise ValueError(f"unknown stages {unknown}; the stages are {list(stages._fields)}")
 
 
 def _stage_functions(compiled: Stages) -> Iterator[tuple[str, Callable, bool]]:
     """``(name, plain function, runs uncompiled)`` per stage of what :func:`compile_stages` made."""
-    for name, stage in zip(Stages._fields, compiled):
+    for name, stage in zip(compiled._fields, compiled):
         if not isinstance(stage, (CompiledStage, PlainStage)):
             raise TypeError(f"stage {name!r}: expected a CompiledStage or PlainStage (from compile_stages), "
                             f"got {type(stage).__name__}")
         yield name, stage.fn, isinstance(stage, PlainStage)
 
 
-def store_stages(directory: str | os.PathLike, key: str, rec: cache.Recording, compiled: Stages) -> Path | None:
+def store_stages(directory: str | os.PathLike, key: str, rec: recording.Recording, compiled: Stages) -> Path | None:
     """Save the graphs `rec` holds, one per compiled stage of `compiled` (from :func:`compile_stages`;
     a :class:`PlainStage` is saved as such), as one entry for `key`; None (logged) when they cannot
     be cached."""
     problems = list(rec.problems)
-    if cache.graph_breaks() != rec.graph_breaks:
+    if recording.graph_breaks() != rec.graph_breaks:
         problems.append("Dynamo broke a graph")
     saved = {}
     num_compiled = 0
@@ -157,7 +140,7 @@ def store_stages(directory: str | os.PathLike, key: str, rec: cache.Recording, c
     return cache.write_entry(directory, key, {"stages": saved})
 
 
-def direct_stages(rec: cache.Recording, compiled: Stages) -> Stages | None:
+def direct_stages(rec: recording.Recording, compiled: Stages) -> Stages | None:
     """The stages of `compiled` that `rec` recorded (see :func:`store_stages`), called without
     Dynamo's guards from now on (a :class:`PlainStage` stays as it is); None unless every compiled
     stage has exactly one graph with its callable."""
@@ -171,24 +154,19 @@ def direct_stages(rec: cache.Recording, compiled: Stages) -> Stages | None:
             return None
         args = [p.name for p in inspect.signature(fn).parameters.values()][1:]
         direct.append(DirectStage(name, graphs[0], args, rec.stage_tuples[name]))
-    return Stages(*direct)
+    return type(compiled)(*direct)
 
 
-def lookup_stages(directory: str | os.PathLike, key: str, stages: Stages | None = None) -> Stages | None:
-    """The stages saved for `key`, each compiled once and bound to a module at its first call
-    with it; a stage saved as plain runs its function from `stages`. None if absent or unusable
-    (warned)."""
+def lookup_stages(directory: str | os.PathLike, key: str, stages: Stages) -> Stages | None:
+    """The stages saved for `key` (`stages`, the stage functions, name them), each compiled once
+    and bound to a module at its first call with it; a stage saved as plain runs its function
+    from `stages`. None if absent or unusable (warned)."""
     def load(data: dict) -> Stages:
         loaded = []
-        for name in Stages._fields:
+        for name, fn in zip(stages._fields, stages):
             entry = data["stages"][name]
-            if entry.get("plain"):
-                if stages is None:
-                    raise ValueError(f"stage {name!r} was saved uncompiled; lookup_stages needs the stage functions")
-                loaded.append(PlainStage(name, getattr(stages, name)))
-            else:
-                loaded.append(CachedStage(name, entry))
-        return Stages(*loaded)
+            loaded.append(PlainStage(name, fn) if entry.get("plain") else CachedStage(name, entry))
+        return type(stages)(*loaded)
     return cache.load_entry(directory, key, load)
 
 
@@ -229,7 +207,7 @@ class CachedStage(_BoundStage):
 
     def __init__(self, name: str, data: dict) -> None:
         super().__init__(name, data["inputs"], data["args"], data["tuple"])
-        self.compiled, self.report = compile_entry(data, [])
+        self.compiled, self.report = cache.compile_entry(data, [])
 
     def _run(self, flat: list) -> Any:
         with torch.no_grad():

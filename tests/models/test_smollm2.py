@@ -8,7 +8,7 @@ import torch
 import transformers
 
 from infer.models import default
-from infer.runtime import LLM, SamplingParams
+from infer import LLM, SamplingParams
 
 PROMPTS = ["The capital of France is", "def fibonacci(n):"]
 MAX_TOKENS = 8

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from infer.runtime import LLM, RequestOutput, SamplingParams
+from infer import LLM, RequestOutput, SamplingParams
 from tiny_hf import CAUSAL_LM_TINY as TINY, make_hf_model, word_tokenizer
 
 PROMPTS = [[17, 3, 99, 45, 200], [5, 81, 9, 230, 14, 66, 7, 150, 42, 8, 31],

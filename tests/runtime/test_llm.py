@@ -13,7 +13,7 @@ import transformers
 from infer.compiler import compilation_count, last_report
 from infer.compiler.stages import CachedStage, DirectStage, PlainStage
 from infer.compiler.report import REPORTS
-from infer.runtime import LLM, RequestOutput, SamplingParams
+from infer import LLM, RequestOutput, SamplingParams
 from infer.runtime.engine.config import EngineConfig
 from tiny_hf import CAUSAL_LM_TINY as TINY, make_hf_model, word_tokenizer
 
