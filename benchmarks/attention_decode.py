@@ -7,13 +7,13 @@
 Scenario: 16 q / 8 kv heads, head_dim 128, bf16, context 2048, batch 64 and 256, pages of 16
 (and 64) tokens scattered randomly over the pool. Every configuration is checked against the
 plain-torch reference first, then timed per launch: several launches per CUDA-graph replay, on
-copies of the batch that L2 cannot hold together (median over replays; from session 10 on, before
-that one launch per replay, which counted the host's graph launch in every number). KV
+copies of the batch that L2 cannot hold together (median over replays; several launches per replay
+keep the host's graph launch out of the number). KV
 bandwidth = K and V bytes read / time. Copy bandwidth = (read + written bytes) of a 2 GiB bf16
 device-to-device copy into a preallocated buffer, median of 20. Targets are FlashInfer's H100
 numbers (2,447 GB/s at batch 64, 2,868 GB/s at batch 256). Paths: ``decode`` (attention only, the
 cache already written), ``write+decode`` (``write_kv_cache`` then ``decode_attention``, one layer's
-decode step today) and ``fused`` (``decode_attention_with_kv_write``).
+decode step without the fused write) and ``fused`` (``decode_attention_with_kv_write``).
 """
 from __future__ import annotations
 

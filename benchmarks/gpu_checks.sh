@@ -18,7 +18,7 @@ if [ "$stage" = all ] || [ "$stage" = bench ]; then
     --modes eager piecewise-eager full-eager nopass-piecewise-eager piecewise-inductor nopass-piecewise-inductor 2>&1 | tail -22
 fi
 if [ "$stage" = targets ]; then
-  # Issue 6's target rows in one call (~8 min on an H200): decode with the HF static-cache baseline,
+  # The README's target rows in one call (~8 min on an H200): decode with the HF static-cache baseline,
   # throughput, 8B startup. Tables in $OUT/targets.tgz.
   T="$OUT/targets"; mkdir -p "$T"
   timeout 230 python -m infer.benchmarks decode --shape 0.6b --batch 1 64 --context 512 --out "$T" \

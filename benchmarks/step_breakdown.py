@@ -7,9 +7,7 @@ Each row times the same decode step (full decode graph, forward + LM head, as ``
 with the Triton kernels of one kind replaced by launches that do nothing. What the step then
 computes is garbage and only its time means anything: a row is an upper bound on what fusing or
 hiding that kind of kernel could save, never a result. The GEMV/GEMM weight streams are untouched,
-so the last row ("all") is roughly the step's projections and LM head alone. Session 11 (H200)
-found the 8B batch-1 RMSNorms at 0.235 ms of a 4.18 ms step this way, which led to launching
-them with PDL.
+so the last row ("all") is roughly the step's projections and LM head alone.
 """
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Test session setup: Triton kernels run under the interpreter on machines without CUDA."""
+"""Test setup: Triton kernels run under the interpreter on machines without CUDA."""
 import os
 import sys
 

@@ -79,9 +79,8 @@ def _prepare_runtime(config: EngineConfig) -> None:
     """A head start for a setup thread while the weights load: the inner compiler's imports
     (Inductor only). Failures only cost the head start: the real use reports them.
 
-    Triton's CUDA driver is not created here any more: with it (session 9), eager 8B starts on
-    the H200 loaded 0.1-0.8 s slower than ``e4779d1`` in four A/B pairs, cold and warm, and cold
-    starts were no faster (``benchmarks/RESULTS.md``, session 10)."""
+    Triton's CUDA driver is not created here: creating it beside the weight load slows the load
+    more than it saves later. Re-measure: ``python -m infer.benchmarks startup``."""
     if not config.compile:
         return
     from ...compiler.config import CompilerConfig

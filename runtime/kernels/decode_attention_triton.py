@@ -265,8 +265,8 @@ def _launch(
     if combine_in_partial(num_seqs, num_kv_heads, splits, q.device):
         counters = arrival_counters(q.device, num_seqs * num_kv_heads)  # None while capturing a new size
     # The partial kernel always launches with PDL (its set-up and first tile overlap the previous
-    # kernel); the reduce kernel only in the latency-bound regime: at batch 64 an early-scheduled
-    # reduce took SM slots from the partial kernel and the 0.6B step lost 0.13 ms (H200).
+    # kernel); the reduce kernel only in the latency-bound regime: with many programs an
+    # early-scheduled reduce takes SM slots from the partial kernel.
     pdl = pdl_launch_options(q.device)
     pdl_reduce = pdl_launch_options(q.device, enable=latency_bound(num_seqs, num_kv_heads, q.device))
     _decode_partial_kernel[(num_seqs, num_kv_heads, splits)](

@@ -48,10 +48,9 @@ class DecodeConfig:
     num_warps: int = 4
     num_stages: int | None = DECODE_STAGES  # pipelining depth of the KV loads; None: ``plan_stages``
     programs_per_sm: int = 4  # split until num_seqs * num_kv_heads * splits reaches this * SMs
-    # Shortest split once num_seqs * num_kv_heads fills the SMs. There a second split (and the
-    # reduce kernel) cost more than the parallelism they add: H200, 8 kv heads, head_dim 128, one
-    # split against two at batch 32-128 and context 512-1024 was 14-22% faster (e.g. batch 64,
-    # context 512: 41.9 vs 53.8 us), so contexts up to this many tokens take one split.
+    # Shortest split once num_seqs * num_kv_heads fills the SMs: there a second split (and the
+    # reduce kernel) cost more than the parallelism they add, so contexts up to this many tokens
+    # take one split. Re-tune: ``python -m infer.benchmarks.attention_decode --batch 32 64 128``.
     min_split_tokens: int = 4096
     max_splits: int = 64
 
@@ -95,15 +94,10 @@ def plan_stages(config: DecodeConfig, num_seqs: int, num_kv_heads: int, num_sms:
     """Software-pipelining depth of the KV loads: ``config.num_stages`` if set, else 2 for a
     latency-bound launch (fewer (sequence, kv head) pairs than SMs) and 3 otherwise.
 
-    Measured in the 0.6B step (H200, context 512, full decode graph, 2-4 runs each):
-    - batch 8 and 16 (512-640 split programs, per-tile table loads): 1.081-1.096 ms against
-      1.117-1.135, and 1.203-1.210 against 1.253-1.254 with 3 stages (session 13);
-    - batch 1-4 with the register-held table (:func:`plan_table`, session 14): batch 1
-      0.659-0.660 ms against 0.667-0.668 with 3 stages; the 8B step at batch 1 3.965-3.972 against
-      4.013-4.016. Batch 4 alone preferred 3 stages (0.965-0.966 against 0.979-0.982);
-    - batch 32-128 (one long split per pair) and the kernel alone at batch 64-256: the same.
-    The short-split programs walk one or two 64-token tiles, so the depth pipelines little; the
-    smaller stage buffers leave room for more programs, and for the GEMV launched early behind them.
+    Short-split programs walk one or two 64-token tiles, so a deeper pipeline gains little there,
+    while smaller stage buffers fit more programs per SM (and the GEMV launched early behind them).
+    ``INFER_DECODE_STAGES`` forces a depth. Re-tune: ``python -m infer.benchmarks decode`` at
+    batch 1-16 with ``INFER_DECODE_STAGES=2`` and ``3``.
     """
     if config.num_stages is not None:
         return config.num_stages
@@ -125,14 +119,10 @@ def plan_table(num_seqs: int, num_kv_heads: int, num_splits: int, num_sms: int, 
     ``SHORT_GRID_PROGRAMS_PER_SM`` split programs per SM, else 0.
 
     Triton does not pipeline a K/V load whose address comes from a load in the same loop
-    iteration; with the page ids in registers it does, and the compiled kernel holds deeper buffers.
-
-    H200, session 14 (run 5), context 512, ms per step with it (2 stages) against per-tile table
-    loads (the plan before, 3 stages): 0.6B batch 1 0.659-0.660 against 0.692-0.693, batch 4
-    0.979-0.982 against 1.017-1.022; 8B batch 1 3.965-3.972 against 3.977-3.982, batch 2
-    4.859-4.861 against 4.866-4.868. At 0.6B batch 16 (640 programs) it was up to 1.2% slower,
-    and at batch 64 (one split, 512 programs) 14% slower (2.33 against 2.04 ms; the kernel alone
-    at batch 64-256 lost 7-35%): fewer of its programs fit on an SM.
+    iteration; with the page ids in registers it does. The compiled kernel then holds deeper
+    buffers, so fewer of its programs fit on an SM: many programs are faster without it.
+    ``INFER_DECODE_TABLE_PAGES=0`` turns it off. Re-tune: ``python -m infer.benchmarks decode``
+    at batch 1-64 with and without it.
     """
     many_short = num_seqs * num_kv_heads * num_splits >= SHORT_GRID_PROGRAMS_PER_SM * num_sms
     if many_short or not _few_pairs(num_seqs, num_kv_heads, num_sms):
@@ -143,11 +133,10 @@ def plan_table(num_seqs: int, num_kv_heads: int, num_splits: int, num_sms: int, 
 def fuse_kv_write() -> bool:
     """Whether uniform decode steps store their k/v inside the decode kernel.
 
-    At every batch size (H100, ``benchmarks/attention_decode.py --paths write+decode fused``): the
-    write kernel's launch is saved, the first K/V tile is fetched before the PDL wait, and the
-    writer stores its row before its loop, so no register substitution weighs on the loop (which
-    used to spill and cost 30-35% of the bandwidth at large batch). ``INFER_FUSE_KV_WRITE=0``: the
-    two-kernel path, for A/B runs.
+    At every batch size the write kernel's launch is saved, the first K/V tile is fetched before
+    the PDL wait, and the writer stores its row before its loop, so no register substitution
+    weighs on the loop. ``INFER_FUSE_KV_WRITE=0``: the two-kernel path. Re-measure:
+    ``python -m infer.benchmarks.attention_decode --paths write+decode fused``.
     """
     return FUSE_KV_WRITE
 
@@ -174,9 +163,9 @@ def combine_in_partial(num_seqs: int, num_kv_heads: int, num_splits: int, device
     instead of a separate reduce kernel.
 
     Only in the latency-bound regime (fewer (sequence, kv head) pairs than SMs, i.e. batch 1-16 at
-    8 kv heads), where the reduce is a whole dependent launch for a few microseconds of work: the
-    8B step at batch 1 spent 87 us (2.4 us a layer) in it (H200, session 11). With many pairs the
-    splits are long (``min_split_tokens``) and the reduce is a small share. ``INFER_DECODE_COMBINE=0``
-    keeps the reduce kernel, for A/B runs.
+    8 kv heads), where the reduce is a whole dependent launch for a few microseconds of work. With
+    many pairs the splits are long (``min_split_tokens``) and the reduce is a small share.
+    ``INFER_DECODE_COMBINE=0`` keeps the reduce kernel. Re-measure:
+    ``python -m infer.benchmarks.step_breakdown --shape 8b --batch 1``.
     """
     return COMBINE_IN_PARTIAL and num_splits > 1 and latency_bound(num_seqs, num_kv_heads, device)

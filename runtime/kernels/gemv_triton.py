@@ -31,10 +31,9 @@ from .pdl import pdl_launch_options
 MAX_ROWS = 8  # most rows the kernel takes; callers fall back to a GEMM above this
 LARGE_WEIGHT = 16 << 20  # elements: from here on a weight takes the 8B-sized configs (choose_config)
 NONE, RMS, ADD_RMS, SILU_MUL = 0, 1, 2, 3
-# Every GEMV launches with PDL. A 28-layer chain of 0.6B-sized projections (1-6M elements) ran 28%
-# faster with it (H200, session 3: 551 -> 395 us at M=1). 8B-sized weights (17-50M) were launched
-# without it from session 3 on, when a GEMV chain measured 7% slower; in the whole 8B step of
-# session 8 (H200, full decode graph, batch 1) PDL on them is faster: 4.44-4.55 -> 4.39 ms.
+# Every GEMV launches with PDL: the next projection streams its first weight tile while the one
+# before drains, for small and 8B-sized weights alike. Re-measure: ``python -m infer.benchmarks.gemv``
+# (``INFER_PDL=0`` for the chain without it).
 PROLOGUES = {"none": NONE, "rms": RMS, "add_rms": ADD_RMS, "silu_mul": SILU_MUL}
 
 
@@ -148,10 +147,8 @@ def choose_config(m: int, n: int, k: int, device: torch.device, prologue: str = 
 
     8B-sized weights (at least ``LARGE_WEIGHT`` elements, rows of 4096 or more) load with
     ``evict_first`` (streamed once: they should not push the step's activations out of L2), and
-    for one row take 2 weight rows x 4096 columns per program, 8 warps. H200, session 10: the best
-    tile summed over an 8B layer's four projections in a sweep of 54, and the whole 8B step went
-    from 4.40 to 4.13 ms at batch 1. At batch 2 that tile lost (5.23 -> 5.74 ms), the hint alone
-    won (5.10 ms)."""
+    for one row take 2 weight rows x 4096 columns per program, 8 warps: the best tile summed over an
+    8B layer's four projections; at two rows and more that tile loses and the hint alone stays."""
     if device.type != "cuda":
         return GemvConfig(block_n=4, block_k=min(64, triton.next_power_of_2(k)), num_warps=1)
     block_k = min(triton.next_power_of_2(k), 2048 if k > 1024 else 1024)

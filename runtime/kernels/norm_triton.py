@@ -11,9 +11,9 @@ rows, without above.
 
 PDL: at decode sizes the norm sits between two GEMVs, which launch with PDL. Launched without it,
 the norm waits for the GEMV before it to drain, and the GEMV after it launches only once the norm
-has finished, so both launch latencies show. The 8B step at batch 1 (H200, session 11) went from
-4.10 to 3.97 ms with the norm under PDL (3.93 ms with SiLU-and-mul too). Above 64 rows cuBLAS
-GEMMs surround it, which do not trigger early; there PDL changed nothing (session 6).
+has finished, so both launch latencies show. Above ``PDL_MAX_ROWS`` cuBLAS GEMMs surround it,
+which do not trigger early, so it launches without PDL. Re-measure:
+``python -m infer.benchmarks.step_breakdown --shape 8b --batch 1``.
 
 All arithmetic is fp32; the rounding points follow the eager spelling documented in
 :mod:`infer.runtime.ops.norm`. The launchers run on CPU tensors under ``TRITON_INTERPRET=1``.

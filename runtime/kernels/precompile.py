@@ -11,8 +11,8 @@ A pool thread compiles it (``JITFunction.preload``) into the kernel's own cache,
 loads its launcher (a C compile when Triton's cache is cold). Triton releases the GIL in LLVM code
 generation and runs ``ptxas`` and the C compiler as subprocesses, so the compiles overlap one
 another and the main thread; its Python front end does hold the GIL, which slows the dry steps
-and Dynamo meanwhile. (Worker processes were tried instead, and measured slower on the H100
-host: eight Python processes importing torch contend with the weight load.)
+and Dynamo meanwhile. Threads, not worker processes: processes that each import torch contend
+with the weight load. Re-measure: ``python -m infer.benchmarks startup``.
 
 While deferring, no Triton kernel runs at all: a launch of a kernel that is compiled already is
 skipped too (``kernel[grid](...)`` becomes Triton's warm-up call, which binds the arguments and

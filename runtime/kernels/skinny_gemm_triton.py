@@ -13,8 +13,8 @@ kernel before it: that, not the streaming rate, is what it wins in a step.
   ``y`` and resets the counter: no second launch.
 
 A SiLU-and-mul prologue (as the GEMV has) was measured and dropped: every program recomputes the
-activation of all rows over its K range, 64 times the work at 16-row tiles; the down projection
-took 24.2 us at 64 rows against 8.1 us for the silu kernel + cuBLAS (H200, session 12).
+activation of all rows over its K range, 64 times the work at 16-row tiles, so the SiLU kernel +
+this GEMM is faster (``python -m infer.benchmarks.skinny_gemm``).
 """
 from __future__ import annotations
 
@@ -123,9 +123,9 @@ def supports(a: torch.Tensor, weight: torch.Tensor, *others: torch.Tensor | None
 
 
 # (rows rounded up to 16/32/64, N, K) -> (block_n, block_k, split_k, num_warps, num_stages, tma), or
-# None where cuBLAS measured faster: the best tile of H200 sweeps (session 12, 28-layer chains in one
-# CUDA graph; `benchmarks/results/h200-session12/skinny_sweep.json`, `skinny_gemm_smollm2.json`) for
-# the projections of Qwen3-0.6B and of SmolLM2-135M, the embedded default model.
+# None where cuBLAS measured faster: the best tile of H200 sweeps (28-layer chains in one CUDA
+# graph) for the projections of Qwen3-0.6B and of SmolLM2-135M, the embedded default model.
+# Re-tune: ``python -m infer.benchmarks.skinny_gemm --sweep``.
 TUNED: dict[tuple[int, int, int], tuple[int, int, int, int, int, bool] | None] = {
     (16, 4096, 1024): (32, 512, 1, 4, 3, True), (16, 1024, 2048): (32, 512, 4, 4, 3, True),
     (16, 6144, 1024): (64, 256, 1, 4, 3, True), (16, 1024, 3072): (64, 256, 4, 4, 4, True),

@@ -94,7 +94,7 @@ def test_warm_stages_equal_cold_without_dynamo(tmp_path, inner):
     warm_model = _model(layers=LAYERS)
     frames = REPORTS.frames_compiled()
     hits = counters["inductor"]["fxgraph_cache_hit"]
-    stages = lookup_stages(tmp_path, key, model.stages)
+    stages = lookup_stages(tmp_path, key, warm_model.stages)
     assert all(isinstance(s, CachedStage) for s in stages)
     warm = [_call(warm_model, stages, step) for step in _steps()]
     assert REPORTS.frames_compiled() == frames  # Dynamo never ran
