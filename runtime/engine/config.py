@@ -7,6 +7,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from ... import envs
+
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 DEVICE_TYPES = ("cpu", "cuda")
 DEFAULT_MAX_MODEL_LEN = 4096  # cap on max_model_len when it is taken from the model config
@@ -141,7 +143,7 @@ class EngineConfig:
         if self.compile_cache_dir is not None:
             return self.compile_cache_dir
         default = os.path.join(os.path.expanduser("~"), ".cache", "infer", "compile")
-        return os.environ.get("INFER_COMPILE_CACHE_DIR", default) or None
+        return envs.compile_cache_dir(default)
 
     @property
     def compile_options_dict(self) -> dict[str, Any]:

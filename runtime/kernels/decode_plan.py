@@ -7,37 +7,12 @@ contents of a step, so a launch planned at capture time replays correctly.
 from __future__ import annotations
 
 import functools
-import os
 from dataclasses import dataclass
 
 import torch
 import triton
 
-FUSE_KV_WRITE = os.environ.get("INFER_FUSE_KV_WRITE", "1") != "0"  # A/B switch for benchmarks
-COMBINE_IN_PARTIAL = os.environ.get("INFER_DECODE_COMBINE", "1") != "0"  # A/B switch for benchmarks
-
-
-def _env_count(name: str, default: str, expected: str, valid=lambda n: True) -> int:
-    """A whole number from the environment (A/B runs), or a ``ValueError`` naming what is expected."""
-    value = os.environ.get(name, default)
-    if not value.isdigit() or not valid(int(value)):
-        raise ValueError(f"{name}={value!r}: expected {expected}")
-    return int(value)
-
-
-def _env_stages(name: str = "INFER_DECODE_STAGES") -> int | None:
-    """A forced pipelining depth; unset or 0: planned per launch (:func:`plan_stages`)."""
-    return _env_count(name, "0", "a whole number of pipeline stages (0 or unset: planned)") or None
-
-
-def _env_table_pages(name: str = "INFER_DECODE_TABLE_PAGES") -> int:
-    """The block-table chunk of :func:`plan_table`: 0 (off) or a power of two; unset: 64."""
-    return _env_count(name, "64", "0 (per-tile table loads) or a power of two", lambda n: n & (n - 1) == 0)
-
-
-DECODE_STAGES = _env_stages()
-# Block-table entries a partial-kernel program holds in registers where ``plan_table`` says so.
-TABLE_PAGES = _env_table_pages()
+from .tuning import kernel_config
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,7 +21,7 @@ class DecodeConfig:
 
     block_n: int = 64  # KV tokens per loop iteration, gathered across pages
     num_warps: int = 4
-    num_stages: int | None = DECODE_STAGES  # pipelining depth of the KV loads; None: ``plan_stages``
+    num_stages: int | None = None  # pipelining depth of the KV loads; None: ``plan_stages``
     programs_per_sm: int = 4  # split until num_seqs * num_kv_heads * splits reaches this * SMs
     # Shortest split once num_seqs * num_kv_heads fills the SMs: there a second split (and the
     # reduce kernel) cost more than the parallelism they add, so contexts up to this many tokens
@@ -101,15 +76,18 @@ def plan_stages(config: DecodeConfig, num_seqs: int, num_kv_heads: int, num_sms:
     """
     if config.num_stages is not None:
         return config.num_stages
+    if kernel_config().decode_stages is not None:
+        return kernel_config().decode_stages
     return 2 if _few_pairs(num_seqs, num_kv_heads, num_sms) else 3
 
 
 def table_pages(block_size: int, block_n: int) -> int:
-    """``TABLE_PAGES`` where its chunk can serve a ``block_n`` tiling (pages that tile a tile,
-    chunks of whole tiles), else 0."""
-    if TABLE_PAGES <= 0 or block_n % block_size or (TABLE_PAGES * block_size) % block_n:
+    """The configured chunk (``KernelConfig.decode_table_pages``) where it can serve a ``block_n``
+    tiling (pages that tile a tile, chunks of whole tiles), else 0."""
+    pages = kernel_config().decode_table_pages
+    if pages <= 0 or block_n % block_size or (pages * block_size) % block_n:
         return 0
-    return TABLE_PAGES
+    return pages
 
 
 def plan_table(num_seqs: int, num_kv_heads: int, num_splits: int, num_sms: int, block_size: int,
@@ -138,7 +116,7 @@ def fuse_kv_write() -> bool:
     weighs on the loop. ``INFER_FUSE_KV_WRITE=0``: the two-kernel path. Re-measure:
     ``python -m infer.benchmarks.attention_decode --paths write+decode fused``.
     """
-    return FUSE_KV_WRITE
+    return kernel_config().fuse_kv_write
 
 
 def choose_num_splits(
@@ -168,4 +146,4 @@ def combine_in_partial(num_seqs: int, num_kv_heads: int, num_splits: int, device
     ``INFER_DECODE_COMBINE=0`` keeps the reduce kernel. Re-measure:
     ``python -m infer.benchmarks.step_breakdown --shape 8b --batch 1``.
     """
-    return COMBINE_IN_PARTIAL and num_splits > 1 and latency_bound(num_seqs, num_kv_heads, device)
+    return kernel_config().decode_combine and num_splits > 1 and latency_bound(num_seqs, num_kv_heads, device)

@@ -10,14 +10,16 @@ kernel's programs be scheduled onto SMs as soon as they free up. Both instructio
 when the kernel was launched without PDL. Captured into a CUDA graph, the launch attribute
 becomes a programmatic edge, so replays overlap the same way.
 
-``INFER_PDL=0`` turns it off (A/B benchmarks); the Triton interpreter never uses it.
+``KernelConfig.pdl`` (``INFER_PDL=0``) turns it off; the Triton interpreter never uses it.
 """
 from __future__ import annotations
 
 import functools
-import os
 
 import torch
+
+from ... import envs
+from .tuning import kernel_config
 
 
 # Rows up to which the small elementwise/norm kernels of a step (RMSNorm, SiLU-and-mul, q/k norm +
@@ -32,9 +34,7 @@ def _device_supports(index: int) -> bool:
 
 def pdl_enabled(device: torch.device) -> bool:
     """Whether kernels on ``device`` launch with PDL (CUDA, compute capability >= 9, not disabled)."""
-    if device.type != "cuda" or os.environ.get("INFER_PDL", "1") == "0":
-        return False
-    if os.environ.get("TRITON_INTERPRET", "0") == "1":
+    if device.type != "cuda" or not kernel_config().pdl or envs.triton_interpret():
         return False
     return _device_supports(device.index if device.index is not None else torch.cuda.current_device())
 

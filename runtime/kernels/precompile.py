@@ -37,6 +37,8 @@ from concurrent.futures import Future, ThreadPoolExecutor, wait
 
 import torch
 
+from ... import envs
+
 logger = logging.getLogger(__name__)
 
 DEFAULT_WORKERS = 8
@@ -163,7 +165,6 @@ def _slowest(timings: list[tuple[float, float, str]], count: int = 4) -> list[st
 def parallel_compiles(device: torch.device, workers: int | None = None) -> KernelCompiles | None:
     """A :class:`KernelCompiles` for ``device``; None where dry runs do not apply: not CUDA, the
     Triton interpreter, a Triton without hooks, or ``INFER_PARALLEL_COMPILE=0``."""
-    if (device.type != "cuda" or _knobs() is None or os.environ.get("TRITON_INTERPRET", "0") == "1"
-            or os.environ.get("INFER_PARALLEL_COMPILE", "1") == "0"):
+    if device.type != "cuda" or _knobs() is None or envs.triton_interpret() or not envs.parallel_compile():
         return None
     return KernelCompiles(workers or min(DEFAULT_WORKERS, os.cpu_count() or 1))

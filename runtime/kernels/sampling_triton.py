@@ -32,12 +32,13 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
-import os
 from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
+
+from ... import envs
 
 
 LN2 = math.log(2.0)
@@ -176,7 +177,7 @@ def draw_seed(generator: torch.Generator | None = None) -> int:
 
 def _fast_log(t: torch.Tensor) -> bool:
     """Whether the kernels use ``lg2.approx`` (compiled CUDA) rather than the precise log (interpreter)."""
-    return t.is_cuda and os.environ.get("TRITON_INTERPRET", "0") in ("", "0")
+    return t.is_cuda and not envs.triton_interpret()
 
 
 def gumbel_sample(logits: torch.Tensor, temperature: float, seed: int,

@@ -17,15 +17,14 @@ Triton skinny GEMM (:mod:`infer.runtime.kernels.skinny_gemm_triton`), after the 
 kernel. Larger batches run the unfused chain (Triton prologue, cuBLAS GEMM). Every other device
 runs the plain-torch chain. The choice depends on the row count and the tensors' shapes and
 alignment only, so a CUDA graph captured at one batch size always replays the same kernels.
-``INFER_SKINNY_GEMM=0`` keeps cuBLAS (A/B benchmarks).
+``KernelConfig.skinny_gemm`` (``INFER_SKINNY_GEMM=0``) keeps cuBLAS.
 """
 from __future__ import annotations
-
-import os
 
 import torch
 import torch.nn.functional as F
 
+from ..kernels.tuning import kernel_config
 from .activation import _check_args as _check_silu_args, silu_and_mul_ref
 from .norm import _check_residual, _check_rms_args, fused_add_rms_norm_ref, rms_norm_ref
 
@@ -35,7 +34,6 @@ GEMV_MAX_ROWS = 2  # above this cuBLAS wins (H200: the kernel re-streams x per r
 PROLOGUE_MAX_WEIGHT = 8 << 20
 _GEMV_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 SKINNY_MAX_ROWS = 64  # = skinny_gemm_triton.MAX_ROWS (checked here before triton is imported)
-SKINNY_GEMM = os.environ.get("INFER_SKINNY_GEMM", "1") != "0"  # A/B switch for benchmarks
 
 _NORM_ARGS = "Tensor? norm_weight, float eps, bool cast_before_weight, ScalarType norm_dtype"
 _LINEAR_ARGS = "Tensor weight, Tensor? bias"
@@ -72,7 +70,7 @@ def _use_gemv(x: torch.Tensor, weight: torch.Tensor, *others: torch.Tensor | Non
 
 def _use_skinny(x: torch.Tensor, weight: torch.Tensor, *others: torch.Tensor | None) -> bool:
     """The Triton skinny GEMM runs for ``GEMV_MAX_ROWS < M <= SKINNY_MAX_ROWS`` rows of tensors it tiles."""
-    if not (SKINNY_GEMM and x.is_cuda and GEMV_MAX_ROWS < x.shape[0] <= SKINNY_MAX_ROWS):
+    if not (x.is_cuda and kernel_config().skinny_gemm and GEMV_MAX_ROWS < x.shape[0] <= SKINNY_MAX_ROWS):
         return False
     from ..kernels.skinny_gemm_triton import supports  # lazy: triton is imported on first CUDA use
     return supports(x, weight, *others)

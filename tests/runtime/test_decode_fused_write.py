@@ -8,6 +8,7 @@ if not torch.cuda.is_available():  # before anything imports triton (tests/conft
 
 import pytest  # noqa: E402
 
+from infer.runtime.kernels.tuning import KernelConfig, use_kernel_config
 from infer.runtime.attention.reference import attend_reference, write_kv_reference  # noqa: E402
 from tests.runtime.test_paged_attention import make_batch  # noqa: E402  (shared batch builder)
 
@@ -197,8 +198,8 @@ def test_combine_in_partial_only_for_few_sequences(monkeypatch):
     assert decode_plan.combine_in_partial(16, 8, 2, cpu)
     assert not decode_plan.combine_in_partial(17, 8, 2, cpu)
     assert not decode_plan.combine_in_partial(1, 8, 1, cpu)
-    monkeypatch.setattr(decode_plan, "COMBINE_IN_PARTIAL", False)
-    assert not decode_plan.combine_in_partial(1, 8, 9, cpu)
+    with use_kernel_config(KernelConfig(decode_combine=False)):
+        assert not decode_plan.combine_in_partial(1, 8, 9, cpu)
 
 
 def test_latency_bound_launches_take_two_stages_and_few_programs_the_table():
@@ -223,12 +224,14 @@ def test_latency_bound_launches_take_two_stages_and_few_programs_the_table():
 
 def test_forced_stages_from_the_environment(monkeypatch):
     monkeypatch.setenv("INFER_DECODE_STAGES", "2")
-    assert decode_plan._env_stages() == 2
+    assert KernelConfig.from_env().decode_stages == 2
+    with use_kernel_config(KernelConfig.from_env()):
+        assert decode_plan.plan_stages(decode_plan.DecodeConfig(), 64, 8, H100_SMS) == 2
     monkeypatch.setenv("INFER_DECODE_STAGES", "0")
-    assert decode_plan._env_stages() is None
+    assert KernelConfig.from_env().decode_stages is None
     monkeypatch.setenv("INFER_DECODE_STAGES", "two")
     with pytest.raises(ValueError, match="INFER_DECODE_STAGES='two'"):
-        decode_plan._env_stages()
+        KernelConfig.from_env()
 
 
 @pytest.mark.parametrize("table_pages", [1, 2, 4])
@@ -241,12 +244,12 @@ def test_block_table_chunks_match_per_tile_loads(table_pages, num_splits, monkey
     # the chunk as a latency-bound launch of few programs would plan it
     monkeypatch.setattr(dat, "plan_table", lambda *args: decode_plan.table_pages(*args[-2:]))
     batch = make_batch([1] * 4, [70, 33, 16, 100], 4, 2, 64, 16, device=DEVICE, width=8)
-    monkeypatch.setattr(decode_plan, "TABLE_PAGES", 0)
-    assert decode_plan.table_pages(16, 16) == 0
-    per_tile, per_tile_cache, _, _ = run_both(batch, 0.125, num_splits)
-    monkeypatch.setattr(decode_plan, "TABLE_PAGES", table_pages)
-    assert decode_plan.table_pages(16, 16) == table_pages
-    fused, fused_cache, two, _ = run_both(batch, 0.125, num_splits)
+    with use_kernel_config(KernelConfig(decode_table_pages=0)):
+        assert decode_plan.table_pages(16, 16) == 0
+        per_tile, per_tile_cache, _, _ = run_both(batch, 0.125, num_splits)
+    with use_kernel_config(KernelConfig(decode_table_pages=table_pages)):
+        assert decode_plan.table_pages(16, 16) == table_pages
+        fused, fused_cache, two, _ = run_both(batch, 0.125, num_splits)
     torch.testing.assert_close(fused_cache, per_tile_cache, equal_nan=True, rtol=0, atol=0)
     torch.testing.assert_close(fused, per_tile, **SAME)
     torch.testing.assert_close(two, per_tile, **SAME)
@@ -257,25 +260,27 @@ def test_block_table_chunks_match_per_tile_loads(table_pages, num_splits, monkey
 def test_table_chunk_needs_whole_pages_and_tiles(monkeypatch):
     """The register-held table only where planned, with whole pages per tile and whole tiles per
     chunk."""
-    monkeypatch.setattr(decode_plan, "TABLE_PAGES", 64)
+    assert KernelConfig().decode_table_pages == 64
     assert decode_plan.table_pages(16, 64) == 64  # 16-token pages, 64-token tiles
     assert decode_plan.table_pages(64, 64) == 64
     assert decode_plan.table_pages(128, 64) == 0  # a page larger than a tile: per-tile loads
     assert decode_plan.plan_table(1, 8, 8, H100_SMS, 16, 64) == 64  # 64 programs, latency-bound
     assert decode_plan.plan_table(8, 8, 8, H100_SMS, 16, 64) == 0  # 512 short-split programs
     assert decode_plan.plan_table(64, 8, 1, H100_SMS, 16, 64) == 0  # not latency-bound
-    monkeypatch.setattr(decode_plan, "TABLE_PAGES", 0)
-    assert decode_plan.plan_table(1, 8, 8, H100_SMS, 16, 64) == 0  # switched off
+    with use_kernel_config(KernelConfig(decode_table_pages=0)):
+        assert decode_plan.plan_table(1, 8, 8, H100_SMS, 16, 64) == 0  # switched off
 
 
 def test_table_pages_from_the_environment(monkeypatch):
     monkeypatch.delenv("INFER_DECODE_TABLE_PAGES", raising=False)
-    assert decode_plan._env_table_pages() == 64
+    assert KernelConfig.from_env().decode_table_pages == 64
     monkeypatch.setenv("INFER_DECODE_TABLE_PAGES", "0")
-    assert decode_plan._env_table_pages() == 0
+    assert KernelConfig.from_env().decode_table_pages == 0
     monkeypatch.setenv("INFER_DECODE_TABLE_PAGES", "48")
     with pytest.raises(ValueError, match="INFER_DECODE_TABLE_PAGES='48': expected 0 .* or a power of two"):
-        decode_plan._env_table_pages()
+        KernelConfig.from_env()
     monkeypatch.setenv("INFER_DECODE_TABLE_PAGES", "lots")
     with pytest.raises(ValueError, match="INFER_DECODE_TABLE_PAGES='lots'"):
-        decode_plan._env_table_pages()
+        KernelConfig.from_env()
+    with pytest.raises(ValueError, match="decode_table_pages must be 0 or a power of two, got 48"):
+        KernelConfig(decode_table_pages=48)

@@ -4,6 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from infer.runtime.kernels.tuning import KernelConfig, use_kernel_config
 from infer.runtime.kernels import counters
 from infer.runtime.kernels import skinny_gemm_triton as sk
 from infer.runtime.kernels.skinny_gemm_triton import MAX_ROWS, SkinnyConfig, choose_config, skinny_gemm
@@ -111,8 +112,8 @@ def test_linear_op_takes_the_skinny_gemm_on_cuda(n, k, rows, monkeypatch):
     assert expected_calls == [rows] or (n, k) not in QWEN_06B
     assert calls == expected_calls
     torch.testing.assert_close(y.float(), reference(x, w, None), atol=2e-2, rtol=1e-2)
-    monkeypatch.setattr(L, "SKINNY_GEMM", False)  # what INFER_SKINNY_GEMM=0 sets at import
-    assert torch.equal(torch.ops.infer.linear(x, w, None), F.linear(x, w)) and calls == expected_calls
+    with use_kernel_config(KernelConfig(skinny_gemm=False)):  # what INFER_SKINNY_GEMM=0 sets
+        assert torch.equal(torch.ops.infer.linear(x, w, None), F.linear(x, w)) and calls == expected_calls
 
 
 @pytest.mark.gpu
