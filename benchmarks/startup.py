@@ -135,11 +135,8 @@ def child_main(argv: list[str]) -> int:
 
 
 def _dynamo_frames_s() -> float | None:
-    try:
-        from torch._dynamo.utils import compilation_time_metrics
-    except ImportError:
-        return None
-    frames = compilation_time_metrics.get("_compile.compile_inner", [])
+    from ..torch_internals import dynamo_frame_times
+    frames = dynamo_frame_times()
     return float(sum(frames)) if frames else None
 
 

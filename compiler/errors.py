@@ -6,11 +6,7 @@ the user sees a plain `ValueError` that names the bad value.
 """
 from __future__ import annotations
 
-try:
-    from torch._dynamo.exc import ShortenTraceback as _PassThrough
-except ImportError:  # a torch without it: the error still is a ValueError, only wrapped
-    class _PassThrough(Exception):  # type: ignore[no-redef]
-        pass
+from ..torch_internals import PassThroughError as _PassThrough
 
 
 class InferUsageError(ValueError, _PassThrough):

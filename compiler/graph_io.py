@@ -18,6 +18,8 @@ import sympy
 import torch
 from torch import fx
 
+from .. import torch_internals as internals
+
 FUNCTION_MODULES = ("operator", "math", "torch")
 
 
@@ -61,7 +63,7 @@ def _dump_target(node: fx.Node) -> dict | str | None:
     target = node.target
     if node.op != "call_function":
         raise Unsupported(f"node {node.name}: op {node.op!r}")
-    if isinstance(target, torch._ops.OpOverload):
+    if internals.is_op_overload(target):
         return {"op": target._schema.name, "overload": target._overloadname}
     module, name = getattr(target, "__module__", None), getattr(target, "__qualname__", None)
     module = "operator" if module == "_operator" else module
@@ -138,11 +140,7 @@ class _ValueBuilder:
     """Rebuilds saved values under one new fake mode, mapping each saved symbol to a fresh one."""
 
     def __init__(self) -> None:
-        from torch._subclasses.fake_tensor import FakeTensorMode
-        from torch.fx.experimental.symbolic_shapes import ShapeEnv
-
-        self.shape_env = ShapeEnv()
-        self.mode = FakeTensorMode(shape_env=self.shape_env, allow_non_fake_inputs=True)
+        self.mode, self.shape_env = internals.new_fake_mode()
         self.symbols: dict[str, sympy.Symbol] = {}
         self.names = _sympy_names()
         self.exprs: dict[str, sympy.Expr] = {}  # one parse (and one SymInt) per distinct expression

@@ -8,6 +8,8 @@ from typing import Callable, Sequence
 import torch
 from torch import fx
 
+from .. import torch_internals as internals
+
 
 def inner_compile(gm: fx.GraphModule, example_inputs: Sequence, inner_compiler: str) -> Callable:
     """Return a boxed callable (takes a list of inputs) computing `gm`."""
@@ -22,8 +24,7 @@ def inner_compile(gm: fx.GraphModule, example_inputs: Sequence, inner_compiler: 
             return single
         return _inductor(gm, example_inputs)
     if inner_compiler == "eager":
-        from torch._functorch.aot_autograd import make_boxed_func
-        return make_boxed_func(gm.forward)
+        return internals.make_boxed_func(gm.forward)
     raise ValueError(f"unknown inner compiler {inner_compiler!r}; expected 'inductor' or 'eager'")
 
 
@@ -33,9 +34,7 @@ def prepare_inner_compiler(inner_compiler: str) -> None:
     (importing Inductor, hashing torch's and Triton's sources for its cache keys)."""
     if inner_compiler != "inductor":
         return
-    from torch._inductor import codecache, compile_fx, lowering  # noqa: F401
-    codecache.torch_key()
-    codecache.triton_key()
+    internals.prepare_inductor()
 
 
 FUNCTIONAL_OPS = ("rms_norm", "fused_add_rms_norm", "silu_and_mul", "linear", "rms_norm_linear",
@@ -51,40 +50,21 @@ def _register_fallbacks() -> None:
     28-layer graph that string is exponential in the depth and compilation never finishes.
     Strides stay those of the FX graph, as with the implicit fallback.
     """
-    from torch._inductor.lowering import constrain_to_fx_strides, lowerings, make_fallback
-
     from ..runtime import ops  # noqa: F401  (registers torch.ops.infer.*)
     for name in FUNCTIONAL_OPS:
-        op = getattr(torch.ops.infer, name).default
-        if op not in lowerings:
-            make_fallback(op, layout_constraint=constrain_to_fx_strides, warn=False)
+        internals.register_inductor_fallback(getattr(torch.ops.infer, name).default)
 
 
 def _inductor(gm: fx.GraphModule, example_inputs: Sequence) -> Callable:
-    from torch._inductor import config as inductor_config
-    from torch._inductor.compile_fx import compile_fx_inner
     _register_fallbacks()
     # Inductor's own Triton kernels join the programmatic-dependent-launch chain of ours
     # (runtime/kernels/pdl.py) where the device supports it.
-    patch = {"triton.enable_pdl": True} if _pdl_device(example_inputs) else {}
-    context = torch._guards.TracingContext.try_get()
-    with inductor_config.patch(patch):
-        if context is None:
-            return compile_fx_inner(gm, list(example_inputs))
-        # Each piece of a split graph is its own Inductor graph: keep them from reporting output
-        # strides into the one tracing context of the whole graph.
-        saved, context.output_strides = context.output_strides, None
-        try:
-            return compile_fx_inner(gm, list(example_inputs))
-        finally:
-            context.output_strides = saved
+    return internals.inductor_compile(gm, example_inputs, pdl=_pdl_device(example_inputs))
 
 
 def _pdl_device(example_inputs: Sequence) -> bool:
-    from torch._inductor import config as inductor_config
-
     from ..runtime.kernels.pdl import pdl_enabled
-    if not hasattr(inductor_config.triton, "enable_pdl"):
+    if not internals.inductor_supports_pdl():
         return False
     device = next((t.device for t in example_inputs if isinstance(t, torch.Tensor) and t.is_cuda), None)
     return device is not None and pdl_enabled(device)
@@ -98,21 +78,14 @@ def call_boxed(fn: Callable, args: list) -> object:
 
 
 def decomposition_table() -> dict:
-    """One table for both inner compilers, so passes always see the same ATen spellings.
-
-    Inductor's decompositions call into ``torch._inductor.lowering`` (``max_pool2d_with_indices``
-    asks it whether to fall back), which only Inductor itself imports: it is imported here so that
-    a model compiles the same whatever ran before it in the process.
-    """
-    import torch._inductor.lowering  # noqa: F401  (read by the decompositions when they run)
-    from torch._inductor.decomposition import select_decomp_table
-    return select_decomp_table()
+    """One table for both inner compilers, so passes always see the same ATen spellings."""
+    return internals.inductor_decompositions()
 
 
 def module_path(placeholder: fx.Node) -> str | None:
     """``layers.0.self_attn.q_proj.weight`` for a Dynamo input whose source is
     ``L['self']._modules['layers']._modules['0']...._parameters['weight']``; None without a source."""
-    parts = re.findall(r"\['([^']+)'\]", source_name(placeholder) or "")
+    parts = re.findall(r"\['([^']+)'\]", internals.source_name(placeholder) or "")
     return ".".join(parts[1:]) if len(parts) > 1 else None
 
 
@@ -120,13 +93,5 @@ def is_parameter_input(placeholder: fx.Node, value: object) -> bool:
     """Whether a Dynamo graph input is a parameter or buffer of the compiled module."""
     if isinstance(value, torch.nn.Parameter):
         return True
-    name = source_name(placeholder) or ""
+    name = internals.source_name(placeholder) or ""
     return "_buffers" in name or "_parameters" in name
-
-
-def source_name(placeholder: fx.Node) -> str | None:
-    """Dynamo's guard source of a graph input (``L['x']``, ``L['self']._modules[...]``), or None.
-    ``Source.name`` is a method in torch 2.11 and a property from 2.12 on."""
-    source = getattr(placeholder.meta.get("grapharg"), "source", None)
-    name = getattr(source, "name", None)
-    return name() if callable(name) else name

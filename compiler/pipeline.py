@@ -8,6 +8,7 @@ from typing import Callable, Sequence
 import torch
 from torch import fx
 
+from .. import torch_internals as internals
 from ..passes.base import PassContext
 from ..passes.manager import PassManager, PassOptions
 from .config import CompilerConfig
@@ -24,8 +25,6 @@ logger = logging.getLogger("infer")
 def compile_graph(gm: fx.GraphModule, example_inputs: Sequence, config: CompilerConfig) -> Callable:
     """Compile one Dynamo graph with `config`; publish the report as `last_report()`."""
     _check_inference_only(example_inputs)
-    from torch._dynamo.backends.common import aot_autograd
-
     frames_before = REPORTS.frames_compiled()
     report = CompileReport(inner_compiler=config.inner_compiler, cudagraph_mode=config.cudagraph_mode)
     static, names = _static_inputs(gm, example_inputs)
@@ -42,7 +41,7 @@ def compile_graph(gm: fx.GraphModule, example_inputs: Sequence, config: Compiler
         finally:
             transform_s += time.perf_counter() - begin
 
-    compiled = aot_autograd(fw_compiler=compile_inference, inference_compiler=compile_inference,
+    compiled = internals.aot_autograd(fw_compiler=compile_inference, inference_compiler=compile_inference,
                             decompositions=decomposition_table(),
                             keep_inference_input_mutations=True)(gm, example_inputs)
     if record is not None:

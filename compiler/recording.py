@@ -17,9 +17,9 @@ from typing import Callable, Iterator, Sequence
 import torch
 from torch import fx
 
+from .. import torch_internals as internals
 from .config import CompilerConfig
 from .graph_io import Unsupported, dump_graph
-from .inner import source_name
 
 _LOCAL = r"L\['([A-Za-z_]\w*)'\]"
 _MODULE_TENSOR = re.compile(rf"^{_LOCAL}((?:\._modules\['[^']+'\])*)\._(parameters|buffers)\['([^']+)'\]$")
@@ -103,7 +103,7 @@ def _dynamo_inputs(gm: fx.GraphModule, example_inputs: Sequence, problems: list[
     out = []
     for node, real in zip(gm.graph.find_nodes(op="placeholder"), example_inputs):
         value = node.meta.get("example_value", real)  # the fake one, with symbolic sizes
-        name = source_name(node)
+        name = internals.source_name(node)
         if free_symbols(value) != free_unbacked_symbols(value):
             problems.append(f"{name} has backed dynamic sizes, whose guards the cache does not check")
             return None
@@ -126,25 +126,14 @@ def _dynamo_inputs(gm: fx.GraphModule, example_inputs: Sequence, problems: list[
 
 
 def _check_aot_metadata() -> int:
-    from torch._functorch._aot_autograd.schemas import MutationType, OutputType, SubclassCreationMeta
-
-    context = torch._guards.TracingContext.try_get()
-    meta = getattr(context, "fw_metadata", None)
-    if meta is None:
-        raise Unsupported("no AOT metadata for the graph")
-    if not meta.output_info or any(o.output_type != OutputType.non_alias for o in meta.output_info):
-        raise Unsupported("the graph does not return only fresh tensors")
-    if any(i.mutation_type not in (MutationType.NOT_MUTATED, MutationType.MUTATED_IN_GRAPH) for i in meta.input_info):
-        raise Unsupported("an input mutation happens outside the graph")
-    if meta.tokens or meta.num_intermediate_bases or any(
-            isinstance(m, SubclassCreationMeta) for m in meta.subclass_inp_meta):
-        raise Unsupported("the graph uses effect tokens, intermediate bases or tensor subclasses")
-    return len(meta.output_info)
+    try:
+        return internals.aot_output_count()
+    except ValueError as e:
+        raise Unsupported(str(e)) from None
 
 
 def graph_breaks() -> int:
-    from torch._dynamo.utils import counters
-    return sum(counters["graph_break"].values())
+    return internals.graph_break_count()
 
 
 _STAGE: contextvars.ContextVar[str | None] = contextvars.ContextVar("infer_stage", default=None)

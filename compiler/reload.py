@@ -14,20 +14,19 @@ from typing import Iterator
 import torch
 from torch import fx
 
+from .. import torch_internals as internals
 from .config import CompilerConfig
 from .graph_io import load_graph
 
 
 def reloaded(nodes: list, config: CompilerConfig) -> tuple[fx.GraphModule, list]:
     """A saved graph (`dump_graph`'s nodes) as a module, with the values of its inputs."""
-    from torch.fx._lazy_graph_module import _use_lazy_graph_module
-
     from .split import piece_inputs
 
     eager = config.inner_compiler == "eager"  # Inductor reads every node's value, eager only the pieces' inputs
     with torch.inference_mode(False):  # values as Dynamo makes them: part of Inductor's cache key
         graph = load_graph(nodes, (lambda g: piece_inputs(g, config)) if eager else None)
-    with _use_lazy_graph_module(False):  # one kind of module in and out of Dynamo (pickled into the key)
+    with internals.plain_graph_modules():  # one kind of module in and out of Dynamo (pickled into the key)
         gm = fx.GraphModule(torch.nn.Module(), graph)
     return gm, [p.meta["val"] for p in graph.find_nodes(op="placeholder")]
 
@@ -44,15 +43,10 @@ def fresh_tracing(values: list) -> Iterator[None]:
     (not lazy) graph modules. Inductor bypasses its FX graph cache without a tracing context ("No
     shape env"); a context of its own, and one module kind (their attributes are pickled into the
     key), give a compile inside Dynamo the key a warm load outside it asks for."""
-    from torch._guards import TracingContext, tracing
-    from torch._subclasses.fake_tensor import FakeTensor, unset_fake_temporarily
-
     # the values' own mode: detect_fake_mode would prefer that of the tracing context already open
-    mode = next((v.fake_mode for v in values if isinstance(v, FakeTensor)), None)
+    mode = internals.fake_mode_of(values)
     if mode is None:
         yield
         return
-    from torch.fx._lazy_graph_module import _use_lazy_graph_module
-
-    with unset_fake_temporarily(), tracing(TracingContext(mode)), _use_lazy_graph_module(False):
+    with internals.tracing_context(mode):
         yield

@@ -5,6 +5,8 @@ import dataclasses
 import threading
 from dataclasses import dataclass, field
 
+from .. import torch_internals as internals
+
 
 @dataclass(slots=True)
 class CompileReport:
@@ -92,11 +94,7 @@ class _ReportStore:
 
 
 def _dynamo_frame_times() -> list[float]:
-    try:
-        from torch._dynamo.utils import compilation_time_metrics
-    except ImportError:
-        return []
-    return list(compilation_time_metrics.get("_compile.compile_inner", []))
+    return internals.dynamo_frame_times()
 
 
 REPORTS = _ReportStore()

@@ -7,6 +7,7 @@ import torch
 from torch import fx
 from torch.fx.passes.split_module import split_module
 
+from .. import torch_internals as internals
 from .config import CompilerConfig
 from .cudagraph import CudaGraphPool, CudaGraphRunner
 from .inner import call_boxed, inner_compile
@@ -35,8 +36,7 @@ def compile_pieces(gm: fx.GraphModule, example_inputs: Sequence, is_static: list
     split_gm = _split(gm, splits)
     report.pieces = _compile_submodules(split_gm, example_inputs, is_static, config, pool)
     report.attention_backend = _attention_backend(example_inputs)
-    from torch._functorch.aot_autograd import make_boxed_func
-    return make_boxed_func(split_gm.forward)
+    return internals.make_boxed_func(split_gm.forward)
 
 
 def piece_inputs(graph: fx.Graph, config: CompilerConfig) -> set[fx.Node]:
@@ -76,11 +76,10 @@ def _compile_submodules(split_gm: fx.GraphModule, example_inputs: Sequence, is_s
     node's metadata onto the placeholders that stand for it, so no fake run of the split graph
     is needed. Inputs of the whole graph are the example inputs themselves (static where the
     caller says so); values made by an earlier piece are never static."""
-    from torch._guards import detect_fake_mode
     graph_inputs = dict(zip(split_gm.graph.find_nodes(op="placeholder"), zip(example_inputs, is_static)))
     splitting = set(config.splitting_ops)
     compiled = 0
-    mode = detect_fake_mode(example_inputs)
+    mode = internals.detect_fake_mode(example_inputs)
     with mode if mode is not None else torch.no_grad():
         for node in split_gm.graph.find_nodes(op="call_module"):
             submod = split_gm.get_submodule(node.target)
@@ -100,14 +99,10 @@ def _compile_submodules(split_gm: fx.GraphModule, example_inputs: Sequence, is_s
 def _call_directly(submod: fx.GraphModule) -> None:
     """Splitting ops run eagerly between the pieces: call their Python implementation itself and
     skip the dispatcher (tens of microseconds per call, per layer, per step)."""
-    try:
-        from torch._library.custom_ops import OPDEFS
-    except ImportError:
-        return
     for node in submod.graph.nodes:
-        opdef = OPDEFS.get(_op_name(node.target)) if node.op == "call_function" else None
-        if opdef is not None and not node.kwargs and callable(getattr(opdef, "_init_fn", None)):
-            node.target = opdef._init_fn
+        fn = internals.custom_op_function(node.target) if node.op == "call_function" else None
+        if fn is not None and not node.kwargs:
+            node.target = fn
     submod.recompile()
 
 

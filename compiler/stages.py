@@ -24,8 +24,8 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import torch
-from torch._dynamo.decorators import mark_unbacked
 
+from .. import torch_internals as internals
 from . import cache, recording
 from .errors import InferUsageError
 from .inner import call_boxed
@@ -52,7 +52,7 @@ class CompiledStage:
     def __call__(self, module: torch.nn.Module, *args: Any) -> Any:
         for a in args:
             if isinstance(a, torch.Tensor) and a.dim() > 0:
-                mark_unbacked(a, 0)
+                internals.mark_unbacked(a, 0)
         with recording.running_stage(self.name):
             out = self.compiled(module, *args)
         rec = recording.current_recording()

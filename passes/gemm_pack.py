@@ -7,6 +7,7 @@ import re
 import torch
 from torch import fx
 
+from .. import torch_internals as internals
 from .base import InferPass, is_op
 from .patterns import VIEWS, aten, node_order, replace_with, tensor_val
 
@@ -190,9 +191,7 @@ def pack_in_place(tensors: list[torch.Tensor]) -> torch.Tensor:
     The pack is an ordinary tensor even under inference mode: the weights keep the dispatch keys
     Dynamo guarded on, so a graph compiled for one layer still matches the next layer's weights.
     """
-    from torch._subclasses.fake_tensor import unset_fake_temporarily
-
-    with unset_fake_temporarily(), torch.inference_mode(False), torch.no_grad():
+    with internals.unset_fake_temporarily(), torch.inference_mode(False), torch.no_grad():
         return _pack(tensors)
 
 

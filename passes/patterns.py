@@ -6,6 +6,7 @@ import numbers
 import torch
 from torch import fx
 
+from .. import torch_internals as internals
 from .base import is_op, node_value
 
 aten = torch.ops.aten
@@ -31,9 +32,7 @@ def known_contiguous(val: torch.Tensor) -> bool:
     The fused ops return contiguous tensors, while eager elementwise chains keep their input's
     layout: a norm over a transposed view (Gemma 3's and EXAONE 4's q/k norms) gives a transposed
     result that later code may ``view`` as such. Replacing that chain would break the view."""
-    from torch import _prims_common
-    check = getattr(_prims_common, "is_contiguous_or_false", None)
-    return bool(check(val)) if check is not None else bool(val.is_contiguous())
+    return internals.is_contiguous_or_false(val)
 
 
 def scalar_arg(node: fx.Node) -> tuple[fx.Node | None, float | None]:

@@ -1,7 +1,8 @@
 """The package's import graph: one layering, no cycles, deferred imports included (read with ast).
 
 From the bottom: custom ops, kernels, attention and collectives (``runtime.ops``,
-``runtime.kernels``, ``runtime.attention``, ``runtime.distributed``) -> ``passes`` -> ``compiler``
+``runtime.kernels``, ``runtime.attention``, ``runtime.distributed``, with ``envs`` and
+``torch_internals``) -> ``passes`` -> ``compiler``
 -> ``models`` -> the engine (``runtime.engine``, ``from infer import LLM``) -> CLI and benchmarks.
 A module imports modules of its own layer or lower ones only.
 """
@@ -19,7 +20,7 @@ def layer_of(module: str) -> int:
     if module == "infer":
         return LAYERS.index("engine")  # the package's lazy LLM / SamplingParams
     top = parts[1]
-    if top in ("runtime", "envs"):
+    if top in ("runtime", "envs", "torch_internals"):
         below_engine = len(parts) == 2 or parts[2] != "engine"
         return LAYERS.index("kernels" if below_engine else "engine")
     return LAYERS.index({"passes": "passes", "compiler": "compiler", "models": "models"}.get(top, "entry points"))

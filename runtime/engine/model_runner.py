@@ -6,8 +6,8 @@ import logging
 
 import torch
 from torch import Tensor, nn
-from torch._dynamo.decorators import mark_unbacked
 
+from ... import torch_internals as internals
 from ...compiler.config import CompilerConfig
 from ...compiler.stages import UNFUSED_STAGES, compile_stages, direct_stages, lookup_stages, store_stages
 from ..attention import AttentionMetadata, forward_context
@@ -175,8 +175,8 @@ class ModelRunner(StartupSteps):
         no guard on its value (a backed one recompiles for ``T == 1``, with either inner compiler).
         """
         if self.compiled:
-            mark_unbacked(input_ids, 0)
-            mark_unbacked(positions, 0)
+            internals.mark_unbacked(input_ids, 0)
+            internals.mark_unbacked(positions, 0)
         with forward_context(metadata):
             if self._cache_pending:
                 return self._first_compiled_forward(input_ids, positions)
