@@ -60,10 +60,18 @@ def cache_key(module: torch.nn.Module, options: dict | CompilerConfig | None, ex
     parts = [f"format {FORMAT}", f"torch {torch.__version__}", f"transformers {transformers.__version__}",
              f"python {sys.version_info[:2]}", f"source {source_digest()}",
              f"module {type(module).__module__}.{type(module).__qualname__}", f"config {config!r}",
-             f"options {CompilerConfig.from_options(options).cache_key()}", f"extra {extra}"]
+             f"options {CompilerConfig.from_options(options).cache_key()}",
+             f"passes {_passes_uuid(CompilerConfig.from_options(options))}", f"extra {extra}"]
     tensors = [*module.named_parameters(remove_duplicate=False), *module.named_buffers(remove_duplicate=False)]
     parts += [f"{name} {tuple(t.shape)} {t.dtype} {t.device}" for name, t in tensors]
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()
+
+
+def _passes_uuid(config: CompilerConfig) -> str:
+    """The uuid of the pass list ``config`` runs (each pass's source and options)."""
+    from ..passes.base import PassContext
+    from ..passes.manager import PassManager, PassOptions
+    return PassManager(PassOptions.of(config), PassContext()).uuid()
 
 
 @functools.lru_cache(maxsize=None)

@@ -27,7 +27,7 @@ def host_to_device(values: list, dtype: torch.dtype, device: torch.device | str)
     return torch.tensor(values, dtype=dtype, pin_memory=True).to(device, non_blocking=True)
 
 
-def _cdiv(a: int, b: int) -> int:
+def cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
@@ -130,9 +130,9 @@ class AttentionMetadata:
         for b, (q_len, s_len, table) in enumerate(zip(query_lens, seq_lens, block_tables)):
             if q_len < 0 or s_len < q_len:
                 raise ValueError(f"sequence {b}: need 0 <= query_len <= seq_len, got query_len={q_len} seq_len={s_len}")
-            if len(table) < _cdiv(s_len, block_size):
+            if len(table) < cdiv(s_len, block_size):
                 raise ValueError(
-                    f"sequence {b}: seq_len={s_len} needs {_cdiv(s_len, block_size)} blocks of "
+                    f"sequence {b}: seq_len={s_len} needs {cdiv(s_len, block_size)} blocks of "
                     f"{block_size}, block table has {len(table)}"
                 )
             if len(table) and min(table) < 0:

@@ -12,13 +12,10 @@ from __future__ import annotations
 from collections import OrderedDict
 from dataclasses import dataclass
 
+from ..attention.metadata import cdiv
 from .sequence import Sequence
 
 NO_HASH = -1  # the "previous block hash" of a sequence's first block
-
-
-def _cdiv(a: int, b: int) -> int:
-    return -(-a // b)
 
 
 @dataclass(slots=True)
@@ -70,7 +67,7 @@ class BlockManager:
         return len(self.free)
 
     def num_blocks_needed(self, num_tokens: int) -> int:
-        return _cdiv(num_tokens, self.block_size)
+        return cdiv(num_tokens, self.block_size)
 
     def block_hash(self, prev_hash: int, token_ids: tuple[int, ...]) -> int:
         """Content key of a full block that follows a block with hash ``prev_hash``."""

@@ -16,9 +16,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ..attention.metadata import PAD_SLOT
 from ..attention import AttentionMetadata
 
-PAD_SLOT = -1
 _UNKNOWN: list[int] = []  # stands for a row whose device contents are unknown (never a real table)
 
 

@@ -10,6 +10,7 @@ import time
 import torch
 from torch import Tensor, nn
 
+from ..attention.metadata import cdiv
 from ..attention import AttentionMetadata, forward_context
 from .decode_buffers import DecodeBuffers
 from .kv_cache import attention_layers, bind_kv_cache, release_kv_cache
@@ -21,10 +22,6 @@ logger = logging.getLogger(__name__)
 
 PAD_TOKEN_ID = 0  # input id of a padding token (its KV slot is -1, its output is ignored)
 PROFILE_SAMPLING = SamplingParams(temperature=1.0, top_p=0.9)  # the costliest sampling path
-
-
-def _cdiv(a: int, b: int) -> int:
-    return -(-a // b)
 
 
 def _first_of_each_kind(layer_fn):
@@ -151,7 +148,7 @@ class StartupSteps:
         lens = [max_len] * (total // max_len) + ([total % max_len] if total % max_len else [])
         tables, next_block = [], 0
         for n in lens:
-            tables.append(list(range(next_block, next_block + _cdiv(n, self.block_size))))
+            tables.append(list(range(next_block, next_block + cdiv(n, self.block_size))))
             next_block += len(tables[-1])
         layers = attention_layers(self.model)
         dtype = next(self.model.parameters()).dtype

@@ -6,13 +6,12 @@ contents of a step, so a launch planned at capture time replays correctly.
 """
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 
 import torch
 import triton
 
-from .tuning import kernel_config
+from .tuning import kernel_config, sm_count  # noqa: F401 (sm_count: planned with here)
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,13 +34,6 @@ class DecodeConfig:
             return self
         return DecodeConfig(32, self.num_warps, self.num_stages, self.programs_per_sm,
                             self.min_split_tokens, self.max_splits)
-
-
-@functools.lru_cache(maxsize=None)
-def sm_count(device: torch.device) -> int:
-    if device.type != "cuda":
-        return 4  # Triton interpreter on CPU: keep the grid small
-    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 def plan_splits(

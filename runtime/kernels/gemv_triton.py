@@ -19,7 +19,6 @@ The launchers run on CPU tensors under ``TRITON_INTERPRET=1``.
 from __future__ import annotations
 
 import contextlib
-import functools
 from dataclasses import dataclass
 
 import torch
@@ -130,13 +129,6 @@ def _gemv_kernel(
     if HAS_BIAS:
         acc += tl.load(b_ptr + n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
     tl.store(y_ptr + rows * stride_y + n[None, :], acc.to(y_ptr.dtype.element_ty), mask=m_mask & n_mask[None, :])
-
-
-@functools.lru_cache(maxsize=None)
-def _num_sms(device: torch.device) -> int:
-    if device.type != "cuda":
-        return 4
-    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 def choose_config(m: int, n: int, k: int, device: torch.device, prologue: str = "none") -> GemvConfig:

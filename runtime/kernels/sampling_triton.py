@@ -30,7 +30,6 @@ The launchers run on CPU tensors under ``TRITON_INTERPRET=1`` (with the precise 
 from __future__ import annotations
 
 import contextlib
-import functools
 import math
 from dataclasses import dataclass
 
@@ -38,6 +37,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .tuning import sm_count
 from ... import envs
 
 
@@ -152,17 +152,12 @@ def _noise_kernel(out_ptr, seed, V, BLOCK: tl.constexpr, FAST_LOG: tl.constexpr)
     tl.store(out_ptr + row * V + v, _exponential(m, a, v, FAST_LOG), mask=v < V)
 
 
-@functools.lru_cache(maxsize=None)
-def _num_sms(device: torch.device) -> int:
-    return torch.cuda.get_device_properties(device).multi_processor_count
-
-
 def choose_config(rows: int, vocab: int, device: torch.device) -> SamplingConfig:
     """2K-element tiles, and enough programs per row for ``PROGRAMS_PER_SM`` programs per SM
     (1K tiles when even one tile per program leaves SMs idle, as at one row)."""
     if device.type != "cuda":
         return SamplingConfig(block=min(256, max(8, triton.next_power_of_2(vocab))), splits=1, num_warps=1)
-    target = PROGRAMS_PER_SM * _num_sms(device)
+    target = PROGRAMS_PER_SM * sm_count(device)
     block = 2048 if rows * triton.cdiv(vocab, 2048) >= target else 1024
     chunks = triton.cdiv(vocab, block)
     per_split = triton.cdiv(chunks, triton.cdiv(target, rows))

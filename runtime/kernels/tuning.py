@@ -12,6 +12,8 @@ import functools
 from dataclasses import dataclass
 from typing import Iterator
 
+import torch
+
 from ... import envs
 
 
@@ -36,6 +38,14 @@ class KernelConfig:
         return cls(pdl=envs.pdl(), skinny_gemm=envs.skinny_gemm(), fuse_kv_write=envs.fuse_kv_write(),
                    decode_combine=envs.decode_combine(), decode_stages=envs.decode_stages(),
                    decode_table_pages=envs.decode_table_pages())
+
+
+@functools.lru_cache(maxsize=None)
+def sm_count(device: torch.device) -> int:
+    """Streaming multiprocessors of ``device``; 4 off CUDA (the Triton interpreter: a small grid)."""
+    if device.type != "cuda":
+        return 4
+    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 _CURRENT: contextvars.ContextVar[KernelConfig | None] = contextvars.ContextVar("infer_kernel_config", default=None)

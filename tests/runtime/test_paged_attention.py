@@ -272,6 +272,17 @@ def test_errors_are_clear(monkeypatch):
         AttentionMetadata.build([5], [3], [[0]], 16)
 
 
+def test_flash_attn_runs_only_when_asked_for(monkeypatch):
+    """The flash-attn adapter is opt-in: with the package present, CUDA still picks Triton."""
+    from infer.runtime.attention import op
+    monkeypatch.setattr(op, "flash_attn_available", lambda: True)
+    monkeypatch.setattr(op, "_triton_available", lambda: True)
+    monkeypatch.delenv("INFER_ATTENTION_BACKEND", raising=False)
+    assert select_backend(torch.device("cuda")) == "triton"
+    monkeypatch.setenv("INFER_ATTENTION_BACKEND", "flash_attn")
+    assert select_backend(torch.device("cuda")) == "flash_attn"
+
+
 def test_forward_context_nests_and_restores():
     from infer.runtime.attention import get_forward_context
 
