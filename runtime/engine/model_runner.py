@@ -17,7 +17,8 @@ from .config import EngineConfig
 from .decode_buffers import DecodeBuffers
 from .sampler import sample
 from .scheduler import ScheduledBatch, ScheduledSeq
-from .startup_steps import PAD_TOKEN_ID, StartupSteps, _cdiv
+from ..attention.metadata import cdiv
+from .startup_steps import PAD_TOKEN_ID, StartupSteps
 from .step import LaunchedStep, PendingStep, StepGraph, StepInputs
 
 logger = logging.getLogger(__name__)
@@ -49,7 +50,7 @@ class ModelRunner(StartupSteps):
         self.device = next(model.parameters()).device
         self.block_size = config.block_size
         self.capture_sizes = config.cudagraph_capture_sizes if config.use_cudagraphs else ()
-        self.max_blocks_per_seq = _cdiv(config.max_model_len, config.block_size)
+        self.max_blocks_per_seq = cdiv(config.max_model_len, config.block_size)
         self.compiled = config.compile
         self._forward = model.forward
         options = config.compile_options_dict
