@@ -10,7 +10,7 @@ import pytest  # noqa: E402
 
 from infer.runtime.kernels.tuning import KernelConfig, use_kernel_config
 from infer.runtime.attention.reference import attend_reference, write_kv_reference  # noqa: E402
-from tests.runtime.test_paged_attention import make_batch  # noqa: E402  (shared batch builder)
+from tests.runtime.attention.test_paged_attention import make_batch  # noqa: E402  (shared batch builder)
 
 triton = pytest.importorskip("triton")
 from infer.runtime.kernels import attention_triton as kernels  # noqa: E402
