@@ -40,7 +40,21 @@ def dynamo_frame_times() -> list[float]:
         from torch._dynamo.utils import compilation_time_metrics
     except ImportError:
         return []
-    return list(compilation_time_metrics.get("_compile.compile_inner", []))
+    return list(compilation_time_metrics.get(DYNAMO_PHASES["frame"], []))
+
+
+DYNAMO_PHASES = {  # our name -> the key of Dynamo's compilation_time_metrics
+    "frame": "_compile.compile_inner", "tracing": "bytecode_tracing", "aot_metadata": "aot_collect_metadata",
+    "backend": "OutputGraph.call_user_compiler", "guards": "build_guards"}
+
+
+def dynamo_phase_times() -> dict[str, list[float]]:
+    """Seconds Dynamo spent in each phase (see ``DYNAMO_PHASES``), one entry per time it ran."""
+    try:
+        from torch._dynamo.utils import compilation_time_metrics
+    except ImportError:
+        return {name: [] for name in DYNAMO_PHASES}
+    return {name: list(compilation_time_metrics.get(key, [])) for name, key in DYNAMO_PHASES.items()}
 
 
 def graph_break_count() -> int:

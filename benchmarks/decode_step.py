@@ -17,10 +17,10 @@ import time
 
 import torch
 
+from ..compiler.cudagraph import CudaGraphPool, CudaGraphWrapper
 from ..compiler.stages import compile_stages
 from ..models.qwen import Qwen3ForCausalLM
 from ..runtime.attention import Attention, AttentionMetadata, forward_context
-from ..runtime.engine.model_runner import StepGraph
 from . import floor
 from .harness import write_rows
 from .shapes import SHAPES, qwen3_config  # noqa: F401 (the benchmarks' shapes, named here too)
@@ -126,7 +126,9 @@ def time_mode(model, options, batch: int, context: int, steps: int = 50, device:
             step()
         sync()
         if runner_graph:
-            step = StepGraph(step, torch.cuda.graph_pool_handle()).replay
+            graph = CudaGraphWrapper(step, "full", CudaGraphPool(), boxed=False)
+            graph.capture(batch, [])
+            step = lambda: graph.replay(batch, [])  # noqa: E731
             step()
             sync()
         startup = time.perf_counter() - start

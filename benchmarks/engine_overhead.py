@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 from ..runtime.engine.block_manager import BlockManager
-from ..runtime.engine.config import default_capture_sizes
+from ..runtime.graphs import capture_sizes
 from ..runtime.engine.decode_buffers import DecodeBuffers
 from ..runtime.engine.model_runner import fill_decode_buffers
 from ..runtime.engine.sampler import sample
@@ -93,7 +93,7 @@ def sample_inputs(batch: ScheduledBatch) -> tuple[list[SamplingParams], list[tor
 def decode_steps(sched: Scheduler, steps: int, sample_steps: int, gen: torch.Generator) -> dict[str, list[float]]:
     """Seconds per phase of each timed decode step."""
     n = len(sched.running)
-    size = default_capture_sizes(n)[-1]
+    size = capture_sizes(n)[-1]
     buffers = DecodeBuffers.allocate(size, -(-MAX_MODEL_LEN // BLOCK_SIZE), MAX_MODEL_LEN, "cpu")
     small = torch.randn(n, SMALL_VOCAB, generator=gen)
     full = torch.randn(n, VOCAB, generator=gen)
@@ -118,7 +118,7 @@ def decode_steps(sched: Scheduler, steps: int, sample_steps: int, gen: torch.Gen
 def ahead_steps(sched: Scheduler, steps: int, gen: torch.Generator) -> dict[str, list[float]]:
     """Seconds per host phase of each decode step scheduled ahead (async scheduling)."""
     n = len(sched.running)
-    size = default_capture_sizes(n)[-1]
+    size = capture_sizes(n)[-1]
     buffers = DecodeBuffers.allocate(size, -(-MAX_MODEL_LEN // BLOCK_SIZE), MAX_MODEL_LEN, "cpu")
     prev = sched.schedule()
     sampled = fake_tokens(prev, gen)  # the step in flight's tokens, "on the device"

@@ -30,14 +30,14 @@ import time
 import torch
 import transformers
 
+from .. import torch_internals as internals
+
 MARKER = "TRACE_PROFILE "
 NARROW = dict(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, head_dim=16, intermediate_size=128,
               vocab_size=1000, tie_word_embeddings=False)
 BLOCK = 16
 PROMPTS = (7, 5)  # token counts of the prefill batch
 PHASES = ("dynamo", "aot_meta", "aot_trace", "passes", "split_inner", "guards", "other", "first_run")
-METRICS = ("_compile.compile_inner", "bytecode_tracing", "aot_collect_metadata", "OutputGraph.call_user_compiler",
-           "build_guards")
 
 
 def build_model(shape: str, layers: int | None, device: str, dtype: torch.dtype) -> torch.nn.Module:
@@ -74,13 +74,11 @@ def prefill_batch(device: str, vocab: int):
 
 
 def _metrics() -> dict[str, list[float]]:
-    from torch._dynamo.utils import compilation_time_metrics
-    return {k: list(compilation_time_metrics.get(k, [])) for k in METRICS}
+    return internals.dynamo_phase_times()
 
 
 def _graph_breaks() -> int:
-    from torch._dynamo.utils import counters
-    return sum(counters["graph_break"].values())
+    return internals.graph_break_count()
 
 
 def _call(forward, ids, positions, metadata, device: str):
@@ -157,14 +155,14 @@ def _split_times(before: dict, breaks: int, wall: float) -> dict:
     from ..compiler import last_report
 
     m = {k: sum(v[len(before[k]):]) for k, v in _metrics().items()}
-    frames = len(_metrics()["_compile.compile_inner"]) - len(before["_compile.compile_inner"])
+    frames = len(_metrics()["frame"]) - len(before["frame"])
     r = last_report()
     aot = getattr(r, "time_aot_s", r.time_total_s - r.time_passes_s - r.time_inner_s)  # older reports lack it
     row = dict(wall=wall, frames=frames, graph_breaks=_graph_breaks() - breaks, nodes_before=r.nodes_before,
-               nodes_after=r.nodes_after, pieces=r.pieces, dynamo=m["bytecode_tracing"],
-               aot_meta=m["aot_collect_metadata"], aot_trace=aot - m["aot_collect_metadata"],
-               passes=r.time_passes_s, split_inner=r.time_inner_s, guards=m["build_guards"])
-    row["compile"] = m["_compile.compile_inner"]
+               nodes_after=r.nodes_after, pieces=r.pieces, dynamo=m["tracing"],
+               aot_meta=m["aot_metadata"], aot_trace=aot - m["aot_metadata"],
+               passes=r.time_passes_s, split_inner=r.time_inner_s, guards=m["guards"])
+    row["compile"] = m["frame"]
     row["other"] = row["compile"] - sum(row[k] for k in PHASES[:6])
     row["first_run"] = wall - row["compile"]
     return row

@@ -5,14 +5,10 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
+from ..runtime import graphs
+from ..runtime.graphs import CUDAGRAPH_MODES
+
 INNER_COMPILERS = ("inductor", "eager")
-CUDAGRAPH_MODES = ("none", "piecewise", "full")
-DEFAULT_SPLITTING_OPS = ("infer::paged_attention",)
-
-
-def default_capture_sizes() -> tuple[int, ...]:
-    """1, 2, 4, 8, then steps of 8 up to 256, then steps of 16 up to 512."""
-    return (1, 2, 4) + tuple(range(8, 257, 8)) + tuple(range(272, 513, 16))
 
 
 @dataclass(frozen=True, slots=True)
@@ -28,9 +24,10 @@ class CompilerConfig:
     fuse_qk_norm_rope: bool = True  # q/k RMSNorm + rotary in one op; needs fuse_norm
     lint: bool = True
     dump_graphs: bool = False
-    splitting_ops: tuple[str, ...] = DEFAULT_SPLITTING_OPS
+    # every op registered with infer.runtime.graphs.register_splitting_op (paged attention)
+    splitting_ops: tuple[str, ...] = field(default_factory=graphs.registered_splitting_ops)
     cudagraph_mode: str = "none"
-    cudagraph_capture_sizes: tuple[int, ...] = field(default_factory=default_capture_sizes)
+    cudagraph_capture_sizes: tuple[int, ...] = field(default_factory=graphs.capture_sizes)
     debug_cudagraph_addresses: bool = False
 
     def __post_init__(self) -> None:
@@ -46,6 +43,12 @@ class CompilerConfig:
             raise ValueError(
                 "option 'splitting_ops' must be a tuple of 'namespace::op' names, "
                 f"got {self.splitting_ops!r}")
+        unknown = [op for op in self.splitting_ops
+                   if op not in graphs.registered_splitting_ops() and not graphs.op_exists(op)]
+        if unknown:
+            raise ValueError(
+                f"option 'splitting_ops' names {unknown}, which torch.ops does not know; registered "
+                f"splitting ops: {list(graphs.registered_splitting_ops())}")
         sizes = self.cudagraph_capture_sizes
         if (not isinstance(sizes, tuple) or not sizes
                 or not all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in sizes)):

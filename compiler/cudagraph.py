@@ -1,13 +1,18 @@
-"""CUDA-graph capture and replay of compiled graphs (a piece, or the whole graph in full mode)."""
+"""CUDA-graph capture and replay: one wrapper, told its mode and how to key a call.
+
+The same wrapper serves a compiled piece (``"piecewise"``), a whole compiled graph and the
+engine's decode step with its LM head (``"full"``). What each mode means, and how a runtime
+describes the running step, is in :mod:`infer.runtime.graphs`.
+"""
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Callable, Hashable, Sequence
 
 import torch
 
-from ..runtime.attention.context import current_forward_context
+from ..runtime import graphs
 from .inner import call_boxed
 
 logger = logging.getLogger("infer")
@@ -17,113 +22,163 @@ logger = logging.getLogger("infer")
 class CudaGraphStats:
     captured_graphs: int = 0
     pool_bytes: int = 0
-    sizes: tuple[int, ...] = ()
+    sizes: tuple = ()
+
+
+class CudaGraphs:
+    """How graphs are made: CUDA's. A test may stand in another device's (same methods)."""
+
+    def new_graph(self):
+        return torch.cuda.CUDAGraph()
+
+    def capture(self, graph, pool, fn: Callable[[], object]):
+        """Record ``fn()`` into ``graph``; returns its outputs (the graph's static outputs)."""
+        with torch.cuda.graph(graph, pool=pool):
+            return fn()
+
+    def is_capturing(self) -> bool:
+        return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+
+    def runs_on(self, args: Sequence) -> bool:
+        return any(isinstance(a, torch.Tensor) and a.is_cuda for a in args)
+
+    def pool_handle(self):
+        return torch.cuda.graph_pool_handle()
+
+    def memory_allocated(self) -> int:
+        return torch.cuda.memory_allocated()
 
 
 class CudaGraphPool:
-    """One memory pool shared by every graph captured for one compiled model."""
+    """One memory pool shared by every graph captured for one compiled model (or engine)."""
 
-    def __init__(self, debug_addresses: bool = False, full_graph: bool = False) -> None:
+    def __init__(self, debug_addresses: bool = False, device_graphs: CudaGraphs | None = None) -> None:
         self.debug_addresses = debug_addresses
-        self.full_graph = full_graph  # graphs hold the attention op: its metadata must not move
+        self.device_graphs = device_graphs or CudaGraphs()
         self.stats = CudaGraphStats()
         self._handle = None
 
     @property
     def handle(self):
         if self._handle is None:
-            self._handle = torch.cuda.graph_pool_handle()
+            self._handle = self.device_graphs.pool_handle()
         return self._handle
 
 
 @dataclass(slots=True)
 class _Captured:
-    graph: "torch.cuda.CUDAGraph"
-    inputs: list  # static buffers the graph reads
+    graph: object
+    inputs: list  # the static buffers the graph reads
     outputs: object
     static_ptrs: list[int]
-    metadata_ptrs: tuple[int, ...] | None  # full graphs: the attention metadata baked into the graph
+    state: Hashable  # full mode: the splitting ops' per-step state the graph holds
 
 
-class CudaGraphRunner:
-    """Replays one captured graph per token count.
+def token_count_key(index: int | None) -> Callable[[list], Hashable]:
+    """Key a call by dim 0 of input ``index`` (the graph's dynamic token count); None: one key."""
+    if index is None:
+        return lambda args: None
+    return lambda args: args[index].shape[0]
 
-    The token count is dim 0 of the first input whose dim 0 is symbolic. A size is captured the
-    second time it is seen (the first call warms up Inductor/Triton); sizes that are not in
-    `capture_sizes` run without graphs. Callers pad to a captured size. Per replay: inputs whose
-    address moved are copied into the static buffers, then the graph replays; parameters and
-    other static inputs are read in place (with `debug_addresses`, a moved one is an error).
+
+class CudaGraphWrapper:
+    """Replays one captured graph of ``fn`` per batch key, in one mode ("piecewise" or "full").
+
+    A call is keyed by the running :class:`~infer.runtime.graphs.GraphStep` when the runtime
+    describes one (its mode must be this wrapper's, else the call runs uncaptured), else by
+    ``batch_key(args)``, captured only for keys in ``capture_keys`` and, in full mode, only for
+    steps every splitting op calls capturable. Called through :meth:`__call__`, a key is captured
+    the second time it is seen (the first call warms up Inductor/Triton); :meth:`capture` captures
+    at once. Per replay: inputs at ``copy_indices`` are copied into the static buffers where their
+    address moved; the others are read in place (with ``debug_addresses``, a moved static tensor
+    is an error). A full graph replays only while the splitting ops' state is the one it holds.
     """
 
-    def __init__(self, compiled: Callable, example_inputs: Sequence, is_static: list[bool],
-                 capture_sizes: Sequence[int], pool: CudaGraphPool) -> None:
-        self.compiled = compiled
-        self.pool = pool
-        self.capture_sizes = frozenset(capture_sizes)
-        self.size_index = next((i for i, t in enumerate(example_inputs) if isinstance(t, torch.Tensor)
-                                and t.dim() > 0 and isinstance(t.shape[0], torch.SymInt)), None)
-        self.copy_indices = [i for i, (t, s) in enumerate(zip(example_inputs, is_static))
-                             if isinstance(t, torch.Tensor) and not s]
-        self.static_indices = [i for i, (t, s) in enumerate(zip(example_inputs, is_static))
-                               if isinstance(t, torch.Tensor) and s]
-        self.graphs: dict[int | None, _Captured] = {}
-        self.warmed: set[int | None] = set()
-        self.warned_other_weights = False
     _boxed_call = True
 
-    def __call__(self, args: list):
-        size = args[self.size_index].shape[0] if self.size_index is not None else None
-        captured = self.graphs.get(size)
-        if captured is not None:
-            if captured.metadata_ptrs is not None and captured.metadata_ptrs != _metadata_ptrs():
-                return call_boxed(self.compiled, args)  # other metadata (a prefill): run, do not replay
-            if self.static_indices and args[self.static_indices[0]].data_ptr() != captured.static_ptrs[0] \
-                    and not self.pool.debug_addresses:
-                return self._other_weights(args)
-            return self._replay(captured, args)
-        on_cuda = any(isinstance(a, torch.Tensor) and a.is_cuda for a in args)
-        if not on_cuda or (size is not None and size not in self.capture_sizes) \
-                or torch.cuda.is_current_stream_capturing():
-            return call_boxed(self.compiled, args)
-        if self.pool.full_graph and not _is_uniform_decode():
-            return call_boxed(self.compiled, args)  # full graphs are captured for decode steps only
-        if size not in self.warmed:
-            self.warmed.add(size)
-            return call_boxed(self.compiled, args)
-        return self._replay(self._capture(size, args), args)
+    def __init__(self, fn: Callable, mode: str, pool: CudaGraphPool, *, boxed: bool = True,
+                 batch_key: Callable[[list], Hashable] = token_count_key(None),
+                 capture_keys: Sequence | None = None, copy_indices: Sequence[int] = (),
+                 static_indices: Sequence[int] = (), splitting_ops: Sequence[str] = ()) -> None:
+        if mode not in ("piecewise", "full"):
+            raise ValueError(f"a CUDA-graph wrapper's mode is 'piecewise' or 'full', got {mode!r}")
+        self.fn = fn
+        self.mode = mode
+        self.pool = pool
+        self.boxed = boxed
+        self.batch_key = batch_key
+        self.capture_keys = frozenset(capture_keys) if capture_keys is not None else None
+        self.copy_indices = list(copy_indices)
+        self.static_indices = list(static_indices)
+        self.splitting_ops = [graphs.splitting_op(name) for name in splitting_ops]
+        self.graphs: dict[Hashable, _Captured] = {}
+        self.warmed: set[Hashable] = set()
+        self.warned_other_weights = False
 
-    def _capture(self, size, args: list) -> _Captured:
+    def __contains__(self, key: Hashable) -> bool:
+        return key in self.graphs
+
+    def __call__(self, args: list):
+        step = graphs.current_graph_step()
+        if step is not None:
+            if step.mode != self.mode:
+                return self.run(args)
+            key = step.batch_key
+        else:
+            key = self.batch_key(args)
+            if self.capture_keys is not None and key is not None and key not in self.capture_keys:
+                return self.run(args)
+            if self.mode == "full" and not all(op.capturable() for op in self.splitting_ops):
+                return self.run(args)
+        device = self.pool.device_graphs
+        if not device.runs_on(args) or device.is_capturing():
+            return self.run(args)
+        captured = self.graphs.get(key)
+        if captured is None:
+            if key not in self.warmed:
+                self.warmed.add(key)
+                return self.run(args)
+            captured = self._capture(key, args)
+        elif self.mode == "full" and captured.state != self._state():
+            return self.run(args)  # other per-step buffers (another caller's metadata): run, do not replay
+        elif self.static_indices and not self.pool.debug_addresses \
+                and args[self.static_indices[0]].data_ptr() != captured.static_ptrs[0]:
+            return self._other_weights(args)
+        return self.replay(key, args)
+
+    def run(self, args: list):
+        """Call ``fn`` uncaptured."""
+        return call_boxed(self.fn, args) if self.boxed else self.fn(*args)
+
+    def capture(self, key: Hashable, args: list):
+        """Capture the graph of ``key`` now (``fn`` warmed up already: nothing may compile or
+        allocate lazily in it); returns its static outputs."""
+        return self._capture(key, args).outputs
+
+    def _capture(self, key: Hashable, args: list) -> _Captured:
         inputs = list(args)
         for i in self.copy_indices:  # same strides as the input: the compiled code may assume them
             a = args[i]
             inputs[i] = torch.empty_strided(a.size(), a.stride(), dtype=a.dtype, device=a.device).copy_(a)
-        allocated = torch.cuda.memory_allocated()
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.pool.handle):
-            outputs = call_boxed(self.compiled, inputs)
-        metadata = _metadata_ptrs() if self.pool.full_graph else None
-        captured = _Captured(graph, inputs, outputs, [args[i].data_ptr() for i in self.static_indices], metadata)
-        self.graphs[size] = captured
+        device = self.pool.device_graphs
+        allocated = device.memory_allocated()
+        graph = device.new_graph()
+        outputs = device.capture(graph, self.pool.handle, lambda: self.run(inputs))
+        state = self._state() if self.mode == "full" else None
+        captured = _Captured(graph, inputs, outputs, [args[i].data_ptr() for i in self.static_indices], state)
+        self.graphs[key] = captured
         stats = self.pool.stats
         stats.captured_graphs += 1
-        stats.pool_bytes += torch.cuda.memory_allocated() - allocated  # the pool's live buffers
-        if size is not None and size not in stats.sizes:
-            stats.sizes = tuple(sorted(stats.sizes + (size,)))
-        logger.debug("captured CUDA graph for size %s", size)
+        stats.pool_bytes += device.memory_allocated() - allocated  # the pool's live buffers
+        if key is not None and key not in stats.sizes:
+            stats.sizes = tuple(sorted(stats.sizes + (key,)))
+        logger.debug("captured %s CUDA graph for batch key %s", self.mode, key)
         return captured
 
-    def _other_weights(self, args: list):
-        """Run uncaptured: the graph's weights are not the captured ones. Dynamo runs one graph
-        for every module that reaches it the same way (after a graph break inside a repeated
-        block each layer passes its own weights), and a replay would read the captured ones."""
-        if not self.warned_other_weights:
-            self.warned_other_weights = True
-            logger.warning("a CUDA graph's weights differ from those it was captured with (one compiled "
-                           "graph serves several modules, e.g. after a graph break in a repeated block): "
-                           "those calls run without CUDA graphs")
-        return call_boxed(self.compiled, args)
-
-    def _replay(self, captured: _Captured, args: list):
+    def replay(self, key: Hashable, args: list):
+        """Replay the graph of ``key`` on ``args``; returns its static outputs (valid until the
+        next replay)."""
+        captured = self.graphs[key]
         inputs = captured.inputs
         for i in self.copy_indices:
             if args[i].data_ptr() != inputs[i].data_ptr():
@@ -136,19 +191,16 @@ class CudaGraphRunner:
         captured.graph.replay()
         return captured.outputs
 
+    def _state(self) -> tuple:
+        return tuple(op.state() for op in self.splitting_ops)
 
-def _is_uniform_decode() -> bool:
-    md = current_forward_context()
-    return md is None or md.is_uniform_decode
-
-
-def _metadata_ptrs() -> tuple[int, ...] | None:
-    """Addresses of the current attention metadata tensors (full graphs read them on replay).
-
-    A full graph may only replay with the very buffers it was captured with; callers update
-    those buffers in place between steps. Any other metadata runs the compiled code uncaptured."""
-    md = current_forward_context()
-    if md is None:
-        return None
-    return (md.slot_mapping.data_ptr(), md.query_start_loc.data_ptr(), md.seq_lens.data_ptr(),
-            md.block_tables.data_ptr(), md.max_query_len, md.num_seqs)
+    def _other_weights(self, args: list):
+        """Run uncaptured: the graph's weights are not the captured ones. Dynamo runs one graph
+        for every module that reaches it the same way (after a graph break inside a repeated
+        block each layer passes its own weights), and a replay would read the captured ones."""
+        if not self.warned_other_weights:
+            self.warned_other_weights = True
+            logger.warning("a CUDA graph's weights differ from those it was captured with (one compiled "
+                           "graph serves several modules, e.g. after a graph break in a repeated block): "
+                           "those calls run without CUDA graphs")
+        return self.run(args)

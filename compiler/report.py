@@ -20,7 +20,7 @@ class CompileReport:
     nodes_after: int = 0
     pieces: int = 1
     split_ops: dict[str, int] = field(default_factory=dict)  # op name -> calls split at
-    attention_backend: str | None = None
+    split_ops_run_on: str | None = None  # what the splitting ops run on, as their owners describe it
     cudagraph_mode: str = "none"
     cudagraphs: object = None  # CudaGraphStats, filled as graphs are captured at run time
     cached: bool = False  # loaded from the compile cache: no Dynamo, AOT or passes ran
@@ -42,8 +42,8 @@ class CompileReport:
         if self.cudagraphs is not None:
             lines.append(f"cuda graphs      {self.cudagraph_mode}: {self.cudagraphs.captured_graphs} captured, "
                          f"{self.cudagraphs.pool_bytes / 2**20:.1f} MiB, sizes {self.cudagraphs.sizes}")
-        if self.attention_backend:
-            lines.append(f"attention        {self.attention_backend}")
+        if self.split_ops_run_on:
+            lines.append(f"split ops run on {self.split_ops_run_on}")
         dyn = "n/a" if self.time_dynamo_s is None else f"{self.time_dynamo_s:.2f}s"
         lines.append(f"time             dynamo {dyn}, aot {self.time_aot_s:.2f}s, passes {self.time_passes_s:.3f}s, "
                      f"inner {self.time_inner_s:.2f}s")

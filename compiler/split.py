@@ -9,7 +9,8 @@ from torch.fx.passes.split_module import split_module
 
 from .. import torch_internals as internals
 from .config import CompilerConfig
-from .cudagraph import CudaGraphPool, CudaGraphRunner
+from ..runtime import graphs
+from .cudagraph import CudaGraphPool, CudaGraphWrapper, token_count_key
 from .inner import call_boxed, inner_compile
 from .report import CompileReport
 
@@ -23,19 +24,22 @@ def compile_pieces(gm: fx.GraphModule, example_inputs: Sequence, is_static: list
     """One callable for the graph: compiled pieces around the splitting ops, CUDA graphs if asked."""
     pool = None
     if config.cudagraph_mode != "none":
-        pool = CudaGraphPool(config.debug_cudagraph_addresses, full_graph=config.cudagraph_mode == "full")
+        pool = CudaGraphPool(config.debug_cudagraph_addresses)
     report.cudagraphs = pool.stats if pool is not None else None
-    splits = [] if config.cudagraph_mode == "full" else splitting_nodes(gm.graph, config.splitting_ops)
+    present = splitting_nodes(gm.graph, config.splitting_ops)
+    splits = [] if config.cudagraph_mode == "full" else present
     if not splits:
         report.pieces = 1
         compiled = inner_compile(gm, example_inputs, config.inner_compiler)
-        return _wrap_graphs(compiled, example_inputs, is_static, config, pool)
+        held = sorted({_op_name(n.target) for n in present})  # a full graph holds these ops' state
+        report.split_ops_run_on = _describe(held, example_inputs)
+        return _wrap_graphs(compiled, example_inputs, is_static, config, pool, held)
     for node in splits:
         name = _op_name(node.target)
         report.split_ops[name] = report.split_ops.get(name, 0) + 1
     split_gm = _split(gm, splits)
     report.pieces = _compile_submodules(split_gm, example_inputs, is_static, config, pool)
-    report.attention_backend = _attention_backend(example_inputs)
+    report.split_ops_run_on = _describe(sorted(report.split_ops), example_inputs)
     return internals.make_boxed_func(split_gm.forward)
 
 
@@ -106,10 +110,11 @@ def _call_directly(submod: fx.GraphModule) -> None:
     submod.recompile()
 
 
-def _attention_backend(example_inputs: Sequence) -> str | None:
-    from ..runtime.attention import attention_backend_name
+def _describe(op_names: list[str], example_inputs: Sequence) -> str | None:
+    """What the splitting ops run on, as their owners describe it (for the report)."""
     device = next((t.device for t in example_inputs if isinstance(t, torch.Tensor)), torch.device("cpu"))
-    return attention_backend_name(device)
+    described = [d for d in (graphs.splitting_op(name).describe(device) for name in op_names) if d]
+    return ", ".join(described) or None
 
 
 class _Piece(torch.nn.Module):
@@ -124,10 +129,19 @@ class _Piece(torch.nn.Module):
 
 
 def _wrap_graphs(compiled: Callable, example_inputs: Sequence, is_static: list[bool], config: CompilerConfig,
-                 pool) -> Callable:
+                 pool, held_ops: Sequence[str] = ()) -> Callable:
+    """A CUDA-graph wrapper in the config's mode, keyed by the graph's dynamic token count: dim 0 of
+    the first input whose dim 0 is symbolic. Static inputs (parameters, buffers) are read in place;
+    the others are copied into the graph's buffers."""
     if pool is None:
         return compiled
-    return CudaGraphRunner(compiled, example_inputs, is_static, config.cudagraph_capture_sizes, pool)
+    tensors = [(i, s) for i, (t, s) in enumerate(zip(example_inputs, is_static)) if isinstance(t, torch.Tensor)]
+    size_index = next((i for i, _ in tensors if example_inputs[i].dim() > 0
+                       and isinstance(example_inputs[i].shape[0], torch.SymInt)), None)
+    return CudaGraphWrapper(compiled, config.cudagraph_mode, pool, batch_key=token_count_key(size_index),
+                            capture_keys=config.cudagraph_capture_sizes,
+                            copy_indices=[i for i, s in tensors if not s],
+                            static_indices=[i for i, s in tensors if s], splitting_ops=held_ops)
 
 
 def _op_name(target) -> str | None:

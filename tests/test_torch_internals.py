@@ -43,6 +43,7 @@ def test_mark_unbacked_gives_one_graph_for_every_size():
 
 def test_dynamo_frame_times_and_graph_breaks_count():
     before = len(internals.dynamo_frame_times())
+    phases = {name: len(times) for name, times in internals.dynamo_phase_times().items()}
     breaks = internals.graph_break_count()
 
     def fn(x):
@@ -52,6 +53,8 @@ def test_dynamo_frame_times_and_graph_breaks_count():
     torch.compile(fn, backend="eager")(torch.randn(2))
     assert len(internals.dynamo_frame_times()) > before
     assert internals.graph_break_count() > breaks
+    after = internals.dynamo_phase_times()
+    assert all(len(after[name]) > count for name, count in phases.items() if name != "aot_metadata"), after
 
 
 def test_aot_autograd_boxed_functions_and_output_metadata():

@@ -26,7 +26,8 @@ import torch
 from torch import Tensor
 
 from ... import envs
-from .context import get_forward_context
+from ..graphs import SplittingOp, register_splitting_op
+from .context import current_forward_context, get_forward_context
 from .flash import attend_flash, flash_attn_available, supports_block_size
 from .metadata import AttentionMetadata
 from .reference import paged_attention_reference
@@ -152,3 +153,24 @@ def paged_attention(q: Tensor, k: Tensor, v: Tensor, kv_cache: Tensor, scale: fl
 def _paged_attention_fake(q: Tensor, k: Tensor, v: Tensor, kv_cache: Tensor, scale: float) -> Tensor:
     _check_inputs(q, k, v, kv_cache)
     return q.new_empty(q.shape)
+
+
+def _metadata_state() -> tuple | None:
+    """What a whole-graph capture holds of the running step: the addresses of the metadata
+    buffers (updated in place between steps) and its host ints. None outside a forward context."""
+    md = current_forward_context()
+    if md is None:
+        return None
+    return (md.slot_mapping.data_ptr(), md.query_start_loc.data_ptr(), md.seq_lens.data_ptr(),
+            md.block_tables.data_ptr(), md.max_query_len, md.num_seqs)
+
+
+def _capturable() -> bool:
+    """A whole step holding this op is captured for uniform decode steps only."""
+    md = current_forward_context()
+    return md is None or md.is_uniform_decode
+
+
+register_splitting_op(SplittingOp(
+    "infer::paged_attention", state=_metadata_state, capturable=_capturable,
+    describe=lambda device: attention_backend_name(device)))

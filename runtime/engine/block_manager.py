@@ -36,10 +36,6 @@ class PrefixCacheStats:
     hit_blocks: int = 0
     hit_tokens: int = 0
 
-    @property
-    def hit_rate(self) -> float:
-        return self.hit_blocks / self.queried_blocks if self.queried_blocks else 0.0
-
 
 class BlockManager:
     """Hands out KV blocks of ``block_size`` token slots to sequences.

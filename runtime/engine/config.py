@@ -8,22 +8,12 @@ from dataclasses import dataclass
 from typing import Any
 
 from ... import envs
+from ..graphs import capture_sizes
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 DEVICE_TYPES = ("cpu", "cuda")
 DEFAULT_MAX_MODEL_LEN = 4096  # cap on max_model_len when it is taken from the model config
 DEFAULT_CPU_KV_CACHE_BYTES = 256 * 2**20
-
-
-def default_capture_sizes(max_num_seqs: int) -> tuple[int, ...]:
-    """Decode batch sizes to pad to and capture, ending at ``max_num_seqs``: 1, 2, 4, 8, then steps
-    of 8 to 32, of 16 to 128 and of 32 beyond (17 sizes at 256).
-
-    Each size costs a capture at startup; padding a decode step up to the next size costs little,
-    as the weights dominate its time and padded rows have no KV to read.
-    """
-    sizes = [1, 2, 4, 8, 16, 24, 32] + list(range(48, 129, 16)) + list(range(160, max_num_seqs + 32, 32))
-    return tuple(s for s in sizes if s < max_num_seqs) + (max_num_seqs,)
 
 
 def _freeze(value: Any) -> Any:
@@ -53,7 +43,7 @@ class EngineConfig:
         compile_options: options for the ``infer`` backend, frozen as sorted ``(name, value)`` pairs.
         enforce_eager: never pad decode batches for (or capture) CUDA graphs.
         cudagraph_capture_sizes: decode token counts to pad to when CUDA graphs are on; empty
-            means :func:`default_capture_sizes` of ``max_num_seqs``.
+            means :func:`infer.runtime.graphs.capture_sizes` up to ``max_num_seqs``.
         async_scheduling: schedule and prepare each decode step while the device still runs the
             one before (see :mod:`.engine_loop`); same outputs as without. It takes effect where
             decode steps replay full CUDA graphs (CUDA, compiled, ``cudagraph_mode="full"``, the
@@ -94,7 +84,7 @@ class EngineConfig:
             options = options.items()
         object.__setattr__(self, "compile_options", tuple(sorted((str(k), _freeze(v)) for k, v in options)))
         if not self.cudagraph_capture_sizes:
-            object.__setattr__(self, "cudagraph_capture_sizes", default_capture_sizes(self.max_num_seqs))
+            object.__setattr__(self, "cudagraph_capture_sizes", capture_sizes(self.max_num_seqs))
         object.__setattr__(self, "cudagraph_capture_sizes", tuple(sorted(set(self.cudagraph_capture_sizes))))
         self._validate()
 

@@ -156,7 +156,7 @@ class LLM:
         self._request_ids = itertools.count()
         logger.info("LLM ready: %s on %s, max_model_len=%d, %d KV blocks, compile=%s, async scheduling=%s",
                     config.model, config.device, self.config.max_model_len, self.num_blocks, config.compile,
-                    self.config.async_scheduling and self.runner.full_graph)
+                    self.config.async_scheduling and self.runner.graphs.full)
 
     @torch.inference_mode()
     def generate(self, prompts: Prompt | SequenceABC[Prompt],

@@ -1,25 +1,22 @@
 """Runs one scheduled batch through the model: flat inputs, attention metadata, logits, sampling."""
 from __future__ import annotations
 
-import bisect
 import logging
 
 import torch
 from torch import Tensor, nn
 
-from ... import torch_internals as internals
-from ...compiler.config import CompilerConfig
-from ...compiler.stages import UNFUSED_STAGES, compile_stages, direct_stages, lookup_stages, store_stages
-from ..attention import AttentionMetadata, forward_context
-from ..attention.metadata import host_to_device
+from ..attention import AttentionMetadata
+from ..attention.metadata import cdiv, host_to_device
 from ..kernels.precompile import parallel_compiles
 from .config import EngineConfig
 from .decode_buffers import DecodeBuffers
+from .forward import ModelForward
 from .sampler import sample
 from .scheduler import ScheduledBatch, ScheduledSeq
-from ..attention.metadata import cdiv
-from .startup_steps import PAD_TOKEN_ID, StartupSteps
-from .step import LaunchedStep, PendingStep, StepGraph, StepInputs
+from .startup import PAD_TOKEN_ID, Startup
+from .step import LaunchedStep, PendingStep, StepInputs
+from .step_graphs import StepGraphs
 
 logger = logging.getLogger(__name__)
 
@@ -33,13 +30,18 @@ def fill_decode_buffers(buffers: DecodeBuffers, entries: list[ScheduledSeq], blo
     buffers.fill(ids, positions, [e.seq.block_table for e in entries], block_size)
 
 
-class ModelRunner(StartupSteps):
-    """Holds the model (compiled or not) and turns a :class:`ScheduledBatch` into sampled tokens:
-    :meth:`run` waits for them; :meth:`launch` then :meth:`sample_async` leave them on the device
-    with a copy to the host under way (async scheduling, see :mod:`.engine_loop`).
+class ModelRunner:
+    """Turns a :class:`ScheduledBatch` into sampled tokens: :meth:`run` waits for them;
+    :meth:`launch` then :meth:`sample_async` leave them on the device with a copy to the host under
+    way (async scheduling, see :mod:`.engine_loop`). The model's KV caches must already be bound.
 
-    A decode batch runs at :meth:`_padded_size` tokens: the next CUDA-graph capture size when
-    CUDA graphs are on, else its own size. The model's KV caches must already be bound.
+    It is made of three parts: :attr:`forward` (the model's forward, eager or compiled, see
+    :class:`~.forward.ModelForward`), :attr:`graphs` (the CUDA-graph policy: padding, static decode
+    buffers, captured decode steps, see :class:`~.step_graphs.StepGraphs`) and :attr:`startup`
+    (the profile run and the captures, see :class:`~.startup.Startup`).
+
+    Full decode graphs hold attention and the LM head: the runner captures them itself and
+    replays them without going through Dynamo, so the backend compiles without graphs.
     """
 
     def __init__(self, model: nn.Module, config: EngineConfig) -> None:
@@ -49,75 +51,35 @@ class ModelRunner(StartupSteps):
         self.config = config
         self.device = next(model.parameters()).device
         self.block_size = config.block_size
-        self.capture_sizes = config.cudagraph_capture_sizes if config.use_cudagraphs else ()
-        self.max_blocks_per_seq = cdiv(config.max_model_len, config.block_size)
-        self.compiled = config.compile
-        self._forward = model.forward
         options = config.compile_options_dict
-        # Full graphs hold attention too: decode steps then run on static per-size buffers. The
-        # runner captures them itself, LM head included, and replays them without going through
-        # Dynamo; the backend compiles without graphs (prefill runs the compiled code as is).
-        self.full_graph = bool(self.capture_sizes) and options.get("cudagraph_mode") == "full"
-        if self.full_graph:
+        sizes = config.cudagraph_capture_sizes if config.use_cudagraphs else ()
+        self.graphs = StepGraphs(options.get("cudagraph_mode", "none"), sizes,
+                                 cdiv(config.max_model_len, config.block_size), config.max_model_len, self.device)
+        if self.graphs.full:
             options = dict(options, cudagraph_mode="none")
-        # Stage by stage: one graph for every decoder layer (compiles ~layers times faster); only
-        # where no per-piece graphs are captured, as those would hold the first layer's weights.
-        self.staged = (config.compile and config.staged_compile and hasattr(model, "run_stages")
-                       and options.get("cudagraph_mode", "none") == "none")
-        if self.staged:
-            # With the eager inner compiler a stage with nothing to fuse runs as written: its graph
-            # would only cost a Dynamo trace and an AOT pass at startup.
-            eager = CompilerConfig.from_options(options).inner_compiler == "eager"
-            self._stages = compile_stages(model.stages, options, plain=UNFUSED_STAGES if eager else ())
-            self._forward = self._staged_forward
-        elif config.compile:
-            self._forward = torch.compile(model.forward, backend="infer", options=options)
-        self._compile_options = options
-        self._cache_dir = config.resolved_compile_cache_dir
-        # The first compiled call loads from (or stores to) the compile cache; staged, it also
-        # switches to calling the stage graphs without Dynamo's guards.
-        self._cache_pending = config.compile and (self._cache_dir is not None or self.staged)
-        self.decode_buffers: dict[int, DecodeBuffers] = {}
-        self.decode_graphs: dict[int, StepGraph] = {}
+        self.forward = ModelForward(model, config, options)
         # Startup's dry runs (profile run, first decode steps) hand their Triton kernels to this
         # pool, which compiles them side by side; capture_cudagraphs waits for it.
-        self._compiles = parallel_compiles(self.device)
+        self.startup = Startup(model, config, self.forward, self.graphs, parallel_compiles(self.device))
 
-    def _padded_size(self, num_tokens: int) -> int:
-        """Token count a decode batch of ``num_tokens`` runs at (CUDA-graph hook).
+    def profile_run(self) -> None:
+        self.startup.profile_run()
 
-        The next capture size ``>= num_tokens`` when CUDA graphs are on; ``num_tokens`` itself
-        otherwise or above the largest capture size.
-        """
-        i = bisect.bisect_left(self.capture_sizes, num_tokens)
-        return self.capture_sizes[i] if i < len(self.capture_sizes) else num_tokens
-
-    def _buffers(self, size: int) -> DecodeBuffers:
-        if size not in self.decode_buffers:
-            self.decode_buffers[size] = DecodeBuffers.allocate(
-                size, self.max_blocks_per_seq, self.config.max_model_len, self.device)
-        return self.decode_buffers[size]
-
-    def _graph_size(self, batch: ScheduledBatch) -> int | None:
-        """The capture size whose static buffers (and full graph) run ``batch``; None when it is
-        not a full-graph decode step."""
-        if not self.full_graph or batch.is_prefill:
-            return None
-        size = self._padded_size(len(batch.entries))
-        return size if size in self.capture_sizes else None
+    def capture_cudagraphs(self) -> float:
+        return self.startup.capture_cudagraphs()
 
     def supports_async(self, batch: ScheduledBatch) -> bool:
         """Whether ``batch`` may run ahead of the host (async scheduling): a decode step on the
         static buffers of a capture size, whose input ids can be written on the device."""
-        return self._graph_size(batch) is not None
+        return self.graphs.decode_size(len(batch.entries), batch.is_prefill) is not None
 
     def _prepare_full_graph_decode(self, batch: ScheduledBatch, input_tokens: Tensor | None) -> StepInputs | None:
         """A decode step on the static buffers of its padded size (None: not a full-graph step)."""
-        size = self._graph_size(batch)
+        size = self.graphs.decode_size(len(batch.entries), batch.is_prefill)
         if size is None:
             return None
         n = len(batch.entries)
-        buffers = self._buffers(size)
+        buffers = self.graphs.decode_buffers(size)
         ahead = batch.input_rows is not None
         fill_decode_buffers(buffers, batch.entries, self.block_size, with_ids=not ahead)
         if ahead:  # the ids were sampled by the step before, still running: copy them in stream order
@@ -137,7 +99,7 @@ class ModelRunner(StartupSteps):
             return inputs
         if input_tokens is not None:
             raise ValueError(f"a batch scheduled ahead must run on captured decode buffers; "
-                             f"{len(batch.entries)} entries have no capture size in {self.capture_sizes}")
+                             f"{len(batch.entries)} entries have no capture size in {self.graphs.sizes}")
         ids: list[int] = []
         positions: list[int] = []
         query_lens: list[int] = []
@@ -153,12 +115,12 @@ class ModelRunner(StartupSteps):
             if entry.sample:
                 logits_rows.append(len(ids) - 1)
         num_tokens = len(ids)
-        padded = self._padded_size(num_tokens)  # piecewise graphs serve prefill and decode alike
+        padded = self.graphs.padded_size(num_tokens)  # piecewise graphs serve prefill and decode alike
         pad = padded - num_tokens
-        graph_shapes = bool(self.capture_sizes)
+        graph_shapes = bool(self.graphs.sizes)
         metadata = AttentionMetadata.build(
             query_lens, seq_lens, tables, self.block_size, self.device,
-            max_blocks_per_seq=self.max_blocks_per_seq if graph_shapes else None,
+            max_blocks_per_seq=self.graphs.max_blocks_per_seq if graph_shapes else None,
             pad_tokens_to=padded if pad else None,
         )
         return StepInputs(
@@ -168,57 +130,6 @@ class ModelRunner(StartupSteps):
             logits_indices=self._tensor(logits_rows),  # [N]
             num_tokens=num_tokens,
         )
-
-    def forward(self, input_ids: Tensor, positions: Tensor, metadata: AttentionMetadata) -> Tensor:
-        """``input_ids [T], positions [T] -> hidden [T, H]`` inside the forward context.
-
-        Compiled, one graph serves every ``T``: an unbacked dim 0 has no 0/1 specialization and
-        no guard on its value (a backed one recompiles for ``T == 1``, with either inner compiler).
-        """
-        if self.compiled:
-            internals.mark_unbacked(input_ids, 0)
-            internals.mark_unbacked(positions, 0)
-        with forward_context(metadata):
-            if self._cache_pending:
-                return self._first_compiled_forward(input_ids, positions)
-            return self._forward(input_ids, positions)
-
-    def _staged_forward(self, input_ids: Tensor, positions: Tensor) -> Tensor:
-        return self.model.run_stages(input_ids, positions, self._stages)
-
-    def _first_compiled_forward(self, input_ids: Tensor, positions: Tensor) -> Tensor:
-        """Load the compiled graph from the compile cache, or compile it and store it there.
-
-        Keyed at the first compiled call, once the real KV cache is bound (its shape is part of
-        the key), with this rank's tensor-parallel place (baked into the graph's vocab offsets)."""
-        from ...compiler import cache
-        from .. import distributed
-        self._cache_pending = False
-        key = cache.cache_key(self.model, self._compile_options,
-                              extra=f"tp {distributed.tp_rank()}/{distributed.tp_size()} staged {self.staged}")
-        if self.staged:
-            return self._first_staged_forward(key, input_ids, positions)
-        loaded = cache.lookup(self._cache_dir, key, self.model)
-        if loaded is not None:
-            self._forward = loaded
-            return self._forward(input_ids, positions)
-        with cache.recording() as rec:
-            out = self._forward(input_ids, positions)
-        cache.store(self._cache_dir, key, rec, self.model.forward, out)
-        return out
-
-    def _first_staged_forward(self, key: str, input_ids: Tensor, positions: Tensor) -> Tensor:
-        from ...compiler import cache
-        loaded = None if self._cache_dir is None else lookup_stages(self._cache_dir, key, self.model.stages)
-        if loaded is not None:
-            self._stages = loaded
-            return self._forward(input_ids, positions)
-        with cache.recording() as rec:
-            out = self._forward(input_ids, positions)
-        if self._cache_dir is not None:
-            store_stages(self._cache_dir, key, rec, self._stages)
-        self._stages = direct_stages(rec, self._stages) or self._stages  # no guards per call from now on
-        return out
 
     @torch.inference_mode()
     def run(self, batch: ScheduledBatch) -> Tensor:
@@ -233,10 +144,11 @@ class ModelRunner(StartupSteps):
         """Prepare a step and queue its forward (with the LM head when a graph replays); nothing
         waits for the device. ``input_tokens``: see :meth:`prepare`."""
         inputs = self.prepare(batch, input_tokens)
-        graph = self.decode_graphs.get(inputs.graph_size)
-        if graph is not None:  # every entry of a decode step samples, in row order
-            return LaunchedStep(batch, logits=graph.replay()[:inputs.num_tokens])  # [N, V]
-        hidden = self.forward(inputs.input_ids, inputs.positions, inputs.metadata)  # [T_pad, H]
+        logits = self.graphs.replay_decode(inputs.graph_size)
+        if logits is not None:  # every entry of a decode step samples, in row order
+            return LaunchedStep(batch, logits=logits[:inputs.num_tokens])  # [N, V]
+        step = self.graphs.backend_step(inputs.input_ids.shape[0])
+        hidden = self.forward(inputs.input_ids, inputs.positions, inputs.metadata, step)  # [T_pad, H]
         return LaunchedStep(batch, hidden=hidden, logits_indices=inputs.logits_indices)
 
     @torch.inference_mode()

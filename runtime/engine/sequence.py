@@ -96,10 +96,6 @@ class Sequence:
         return self.token_ids[self.num_prompt_tokens:]
 
     @property
-    def last_token_id(self) -> int:
-        return self.token_ids[-1]
-
-    @property
     def num_uncomputed_tokens(self) -> int:
         """Tokens whose KV is still to compute (1 in steady decode)."""
         return len(self.token_ids) - self.num_computed_tokens

@@ -1,4 +1,4 @@
-"""One engine step on the device: its inputs, a captured graph, and the step in flight.
+"""One engine step on the device: its inputs and the step in flight.
 
 A synchronous step goes prepare -> forward -> sample -> tokens to the host. With async
 scheduling a decode step is split: :class:`LaunchedStep` (forward queued, sampling still to
@@ -35,20 +35,6 @@ class StepInputs:
     logits_indices: Tensor
     num_tokens: int
     graph_size: int | None = None
-
-
-class StepGraph:
-    """One captured step: a CUDA graph and the static tensor its replay writes the result to."""
-
-    def __init__(self, step, pool) -> None:
-        """Capture ``step()`` (warmed up already: nothing may compile or allocate lazily in it)."""
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph, pool=pool):
-            self.output = step()
-
-    def replay(self) -> Tensor:
-        self.graph.replay()
-        return self.output
 
 
 @dataclass(slots=True)

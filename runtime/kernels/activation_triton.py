@@ -17,6 +17,7 @@ import triton
 import triton.language as tl
 
 from .pdl import PDL_MAX_ROWS, pdl_launch_options
+from .launch import launch
 
 _MAX_BLOCK = 1024  # columns per program
 _TILE = 2048  # target elements per program (several rows when the rows are short)
@@ -67,7 +68,7 @@ def silu_and_mul_triton(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     grid = (triton.cdiv(n_rows, rows_per_prog), triton.cdiv(n_cols, block))
     guard = torch.cuda.device(gate.device) if gate.is_cuda else contextlib.nullcontext()
     with guard:
-        _silu_and_mul_kernel[grid](g2, u2, out2, n_rows, n_cols, g2.stride(0), u2.stride(0),
+        launch(_silu_and_mul_kernel, grid)(g2, u2, out2, n_rows, n_cols, g2.stride(0), u2.stride(0),
                                    out2.stride(0), ROWS=rows_per_prog, BLOCK=block,
                                    num_warps=num_warps,
                                    **pdl_launch_options(gate.device, enable=n_rows <= PDL_MAX_ROWS))

@@ -13,6 +13,7 @@ from .decode_attention_triton import decode_attention, decode_attention_with_kv_
 from .decode_plan import DecodeConfig, choose_num_splits, fuse_kv_write, plan_splits
 from .kv_layout import cache_halves, cache_strides
 from .prefill_attention_triton import PrefillConfig, prefill_attention
+from .launch import launch
 
 __all__ = [
     "DecodeConfig", "PrefillConfig", "choose_num_splits", "decode_attention", "decode_attention_with_kv_write",
@@ -53,7 +54,7 @@ def write_kv_cache(k: Tensor, v: Tensor, kv_cache: Tensor, slot_mapping: Tensor)
     num_tokens, num_heads, head_dim = k.shape
     if num_tokens == 0:
         return
-    _write_kv_kernel[(num_tokens,)](
+    launch(_write_kv_kernel, (num_tokens,))(
         k, v, *cache_halves(kv_cache), slot_mapping, slot_mapping.shape[0],
         k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         *cache_strides(kv_cache),

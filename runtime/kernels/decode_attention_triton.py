@@ -56,6 +56,7 @@ from .decode_plan import (DecodeConfig, combine_in_partial, latency_bound, plan_
                           sm_count)
 from .kv_layout import cache_halves, cache_strides
 from .pdl import pdl_launch_options
+from .launch import launch
 
 LOG2E = 1.4426950408889634
 
@@ -269,7 +270,7 @@ def _launch(
     # early-scheduled reduce takes SM slots from the partial kernel.
     pdl = pdl_launch_options(q.device)
     pdl_reduce = pdl_launch_options(q.device, enable=latency_bound(num_seqs, num_kv_heads, q.device))
-    _decode_partial_kernel[(num_seqs, num_kv_heads, splits)](
+    launch(_decode_partial_kernel, (num_seqs, num_kv_heads, splits))(
         q, k, v, *cache_halves(kv_cache), slots, block_tables, seq_lens, out, part_o, part_lse,
         counters if counters is not None else seq_lens, scale * LOG2E, splits, min_split_len, max_context,
         slots.shape[0],
@@ -284,7 +285,7 @@ def _launch(
         **pdl,
     )
     if splits > 1 and counters is None:
-        _decode_reduce_kernel[(num_seqs, num_q_heads)](
+        launch(_decode_reduce_kernel, (num_seqs, num_q_heads))(
             part_o, part_lse, seq_lens, out, splits, min_split_len, max_context, out.stride(0), out.stride(1),
             HEAD_DIM=head_dim, BLOCK_N=config.block_n, SPLITS_BLOCK=REDUCE_SPLITS_BLOCK, num_warps=4, **pdl_reduce,
         )

@@ -26,6 +26,7 @@ import triton
 import triton.language as tl
 
 from .pdl import pdl_launch_options
+from .launch import launch
 
 MAX_ROWS = 8  # most rows the kernel takes; callers fall back to a GEMM above this
 LARGE_WEIGHT = 16 << 20  # elements: from here on a weight takes the 8B-sized configs (choose_config)
@@ -177,7 +178,7 @@ def gemv(
     s_ = s if s is not None else y
     guard = torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
     with guard:
-        _gemv_kernel[(triton.cdiv(n, cfg.block_n),)](
+        launch(_gemv_kernel, (triton.cdiv(n, cfg.block_n),))(
             x, x2_, r_, norm_weight if norm_weight is not None else weight, weight,
             bias if bias is not None else weight, y, s_,
             m, n, eps, x.stride(0), x2_.stride(0), r_.stride(0), y.stride(0), s_.stride(0), weight.stride(0),

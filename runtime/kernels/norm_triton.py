@@ -28,6 +28,7 @@ import triton
 import triton.language as tl
 
 from .pdl import PDL_MAX_ROWS, pdl_launch_options
+from .launch import launch
 
 MAX_FUSED_BLOCK = 16384  # longest row (elements) held in registers for the one-pass path
 _TILE = 4096  # target elements per program when several short rows share one program
@@ -149,7 +150,7 @@ def _launch(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor
     num_warps = max(1, min(rows_per_prog * block // _ELEMS_PER_WARP, 16))
     grid = (triton.cdiv(n_rows, rows_per_prog),)
     with _device_guard(x):
-        _rms_norm_kernel[grid](
+        launch(_rms_norm_kernel, grid)(
             x2, r2, w, out2, s2, n_rows, n_cols, x2.stride(0), r2.stride(0), out2.stride(0),
             s2.stride(0), eps, HAS_RESIDUAL=residual is not None, HAS_WEIGHT=weight is not None,
             CAST_BEFORE_WEIGHT=cast_before_weight, SINGLE_PASS=single_pass,

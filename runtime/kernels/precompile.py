@@ -14,9 +14,10 @@ another and the main thread; its Python front end does hold the GIL, which slows
 and Dynamo meanwhile. Threads, not worker processes: processes that each import torch contend
 with the weight load. Re-measure: ``python -m infer.benchmarks startup``.
 
-While deferring, no Triton kernel runs at all: a launch of a kernel that is compiled already is
-skipped too (``kernel[grid](...)`` becomes Triton's warm-up call, which binds the arguments and
-stops before the launch). Its first launch would build its launcher on the calling thread, a C
+While deferring, no Triton kernel of the project runs at all: a launch of a kernel that is compiled
+already is skipped too (every launch goes through :func:`.launch.launch`, which inside
+:func:`.launch.dry_launches` makes Triton's warm-up call: it binds the arguments and stops before
+the launch). Its first launch would build its launcher on the calling thread, a C
 compile (0.4-0.6 s each on a slow host) that the pool thread which compiled the kernel is
 running at the same time; three such launches cost a cold 8B start 1.45 s of its main thread.
 
@@ -38,22 +39,12 @@ from concurrent.futures import Future, ThreadPoolExecutor, wait
 import torch
 
 from ... import envs
+from .launch import dry_launches
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_WORKERS = 8
 DRY_SWITCH_INTERVAL_S = 0.0005
-
-
-def _dry_getitem(fn, grid):
-    """``JITFunction.__getitem__`` while deferring: bind the arguments (a miss reaches the hook) and
-    return before the launch."""
-    return lambda *args, **kwargs: fn.run(*args, grid=grid, warmup=True, **kwargs)
-
-
-def _jit_function_class():
-    from triton.runtime.jit import JITFunction
-    return JITFunction
 
 
 def _knobs():
@@ -90,21 +81,15 @@ class KernelCompiles:
         """Inside: a launch of a not-yet-compiled kernel is handed off and skipped."""
         knobs = _knobs()
         previous, interval = knobs.jit_cache_hook, sys.getswitchinterval()
-        jit_cls = _jit_function_class()
-        own_getitem = jit_cls.__dict__.get("__getitem__")  # None: inherited from KernelInterface
         knobs.jit_cache_hook = self._hook
-        jit_cls.__getitem__ = _dry_getitem  # no launch, compiled or not (see the module docstring)
         # The pool's Python front end takes the GIL from the dry steps; a short switch interval
         # hands it back to them sooner than the default 5 ms.
         sys.setswitchinterval(DRY_SWITCH_INTERVAL_S)
         try:
-            yield
+            with dry_launches():  # no launch, compiled or not (see the module docstring)
+                yield
         finally:
             knobs.jit_cache_hook = previous
-            if own_getitem is None:
-                del jit_cls.__getitem__
-            else:
-                jit_cls.__getitem__ = own_getitem
             sys.setswitchinterval(interval)
 
     def _hook(self, *, key, fn, compile, is_manual_warmup, **_) -> bool:

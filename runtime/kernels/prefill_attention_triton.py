@@ -16,6 +16,7 @@ import triton.language as tl
 from torch import Tensor
 
 from .kv_layout import cache_halves, cache_strides
+from .launch import launch
 
 LOG2E = 1.4426950408889634
 
@@ -159,7 +160,7 @@ def prefill_attention(
         return out.zero_()
     # grid row num_seqs: programs that zero the padding rows past query_start_loc[-1] (known on the device)
     grid = (triton.cdiv(max_query_len, config.block_m), num_seqs + 1, num_q_heads)
-    _prefill_kernel[grid](
+    launch(_prefill_kernel, grid)(
         q, *cache_halves(kv_cache), out, block_tables, seq_lens, query_start_loc, scale * LOG2E, num_tokens,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         *cache_strides(kv_cache), block_tables.stride(0),

@@ -22,6 +22,7 @@ import triton
 import triton.language as tl
 
 from .pdl import PDL_MAX_ROWS, pdl_launch_options
+from .launch import launch
 
 _TILE = 2048  # target elements per program
 _ELEMS_PER_WARP = 256
@@ -162,7 +163,7 @@ def qk_rotary_triton(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: t
     k_w = None if k_norm is None else k_norm.weight
     num_warps = max(1, min(8, block_h * per_head // _ELEMS_PER_WARP))
     with _device_guard(q):
-        _qk_rotary_kernel[(n_tokens, groups)](
+        launch(_qk_rotary_kernel, (n_tokens, groups))(
             q, k, q_out, k_out, q if q_w is None else q_w.contiguous(), k if k_w is None else k_w.contiguous(),
             cos, sin, n_q_heads, n_k_heads, head_dim, half, *q.stride(), *k.stride(), *cos.stride(), *sin.stride(),
             0.0 if q_norm is None else q_norm.eps, 0.0 if k_norm is None else k_norm.eps,

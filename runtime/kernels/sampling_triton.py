@@ -39,6 +39,7 @@ import triton.language as tl
 
 from .tuning import sm_count
 from ... import envs
+from .launch import launch
 
 
 LN2 = math.log(2.0)
@@ -205,7 +206,7 @@ def gumbel_sample(logits: torch.Tensor, temperature: float, seed: int,
     idx = torch.empty(n, splits, dtype=torch.int32, device=logits.device) if splits > 1 else None
     guard = torch.cuda.device(logits.device) if logits.is_cuda else contextlib.nullcontext()
     with guard:
-        _gumbel_argmax_kernel[(n, splits)](
+        launch(_gumbel_argmax_kernel, (n, splits))(
             logits, val if val is not None else out, idx if idx is not None else out, out,
             seed, temperature * LN2, logits.stride(0), vocab, per_split,
             BLOCK=cfg.block, SPLIT=splits > 1, FAST_LOG=_fast_log(logits), num_warps=cfg.num_warps)
@@ -213,7 +214,7 @@ def gumbel_sample(logits: torch.Tensor, temperature: float, seed: int,
             # BLOCK_S covers the most splits this vocab and tile can have, not this batch's count:
             # one compiled variant serves every batch size (a new one mid-generation cost ~0.1 s).
             most = triton.next_power_of_2(triton.cdiv(vocab, cfg.block))
-            _argmax_splits_kernel[(n,)](val, idx, out, splits, BLOCK_S=most, num_warps=1)
+            launch(_argmax_splits_kernel, (n,))(val, idx, out, splits, BLOCK_S=most, num_warps=1)
     return out
 
 
@@ -222,7 +223,7 @@ def kernel_exponential(seed: int, rows: int, vocab: int, device: torch.device | 
     out = torch.empty(rows, vocab, dtype=torch.float32, device=device)
     guard = torch.cuda.device(out.device) if out.is_cuda else contextlib.nullcontext()
     with guard:
-        _noise_kernel[(rows, triton.cdiv(vocab, 64))](out, seed, vocab, BLOCK=64, FAST_LOG=_fast_log(out),
+        launch(_noise_kernel, (rows, triton.cdiv(vocab, 64)))(out, seed, vocab, BLOCK=64, FAST_LOG=_fast_log(out),
                                                       num_warps=1)
     return out
 

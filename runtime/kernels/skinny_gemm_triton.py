@@ -28,6 +28,7 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 
 from .counters import arrival_counters
 from .pdl import pdl_launch_options
+from .launch import launch
 
 MAX_ROWS = 64  # rows of a (the MMA's N side is padded to a power of two >= 16)
 DTYPES = (torch.bfloat16, torch.float16)
@@ -194,7 +195,7 @@ def skinny_gemm(a: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
         srcs = (a, weight)
     guard = torch.cuda.device(a.device) if a.is_cuda else contextlib.nullcontext()
     with guard:
-        _skinny_gemm_kernel[(n // cfg.block_n, split)](
+        launch(_skinny_gemm_kernel, (n // cfg.block_n, split))(
             *srcs, a, weight, bias if bias is not None else y, y, part, counters if counters is not None else y,
             m, n, k // split, a.stride(0), weight.stride(0), y.stride(0),
             BLOCK_M=block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, SPLIT_K=split,

@@ -39,8 +39,8 @@ def engine(folder: Path, monkeypatch, async_scheduling: bool, **kwargs) -> LLM:
     kwargs.setdefault("cpu_kv_cache_bytes", SMALL_KV)
     kwargs.setdefault("block_size", 4)
     llm = LLM(folder, compile=False, device="cpu", async_scheduling=async_scheduling, **kwargs)
-    monkeypatch.setattr(llm.runner, "capture_sizes", (1, 2, 4, 8))
-    monkeypatch.setattr(llm.runner, "full_graph", True)
+    monkeypatch.setattr(llm.runner.graphs, "sizes", (1, 2, 4, 8))
+    monkeypatch.setattr(llm.runner.graphs, "mode", "full")
     return llm
 
 
@@ -183,7 +183,7 @@ def test_requests_in_separate_calls_and_bad_requests(pair, reference):
 def test_no_effect_without_full_decode_graphs(folder):
     llm = LLM(folder, compile=False, device="cpu", cpu_kv_cache_bytes=SMALL_KV, async_scheduling=True)
     llm.generate(PROMPTS, greedy(4), use_tqdm=False)
-    assert llm.scheduler.num_ahead_steps == 0 and not llm.runner.decode_buffers
+    assert llm.scheduler.num_ahead_steps == 0 and not llm.runner.graphs.buffers
 
 
 @pytest.mark.gpu
@@ -194,7 +194,7 @@ def test_async_matches_sync_on_cuda(tmp_path, monkeypatch):
     llm = LLM(save_checkpoint(tmp_path / "llama", head_dim=64), dtype="float32", device="cuda", compile=True,
               gpu_memory_utilization=0.3, compile_options={"inner_compiler": "eager"}, max_num_seqs=16,
               max_num_batched_tokens=256, block_size=4, async_scheduling=True)
-    assert llm.runner.full_graph and set(llm.runner.decode_graphs) == set(llm.runner.capture_sizes)
+    assert llm.runner.graphs.full and set(llm.runner.graphs.decode.graphs) == set(llm.runner.graphs.sizes)
     dropped = dropped_rows(llm, monkeypatch)
     prompts = [p[i:] + p[:i] for i in range(3) for p in PROMPTS]  # 15 sequences
     reference = [o.token_ids for o in llm.generate(prompts, greedy(12, ignore_eos=True), use_tqdm=False)]

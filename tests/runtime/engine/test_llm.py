@@ -92,7 +92,7 @@ def test_greedy_matches_transformers(tiny, kind, inner):
     # compiler, where it runs as written (nothing in it to fuse).
     assert compiled == {None: 0, "eager": 2, "inductor": 3}[inner]
     if inner:  # after the first compiled call, stages run without Dynamo's guards
-        stages = llm.runner._stages
+        stages = llm.runner.forward.stages
         assert isinstance(stages.prepare, PlainStage if inner == "eager" else DirectStage)
         assert isinstance(stages.layer, DirectStage) and isinstance(stages.finish, DirectStage)
     assert token_ids(llm.generate(PROMPTS[::-1], GREEDY, use_tqdm=False)) == expected[::-1]
@@ -112,7 +112,7 @@ def test_whole_forward_compile_matches_transformers_too(tiny):
 def test_greedy_matches_transformers_on_cuda(tmp_path, monkeypatch, mode):
     """Triton paged attention (head_dim 64), CUDA KV sizing and padded decode batches; in full
     mode every decode step replays a runner-captured graph (forward + LM head)."""
-    from infer.runtime.engine.model_runner import StepGraph
+    from infer.compiler.cudagraph import CudaGraphWrapper
     gc.collect()
     torch.cuda.empty_cache()  # KV sizing reads free device memory: drop what earlier tests cached
     model = save_tiny_checkpoint("llama", tmp_path / "llama", head_dim=64)
@@ -125,21 +125,21 @@ def test_greedy_matches_transformers_on_cuda(tmp_path, monkeypatch, mode):
     llm = LLM(tmp_path / "llama", dtype="float32", device="cuda", compile=True, gpu_memory_utilization=0.3,
               compile_options={"inner_compiler": "eager", "cudagraph_mode": mode}, max_num_seqs=8,
               max_num_batched_tokens=256)
-    assert llm.runner._padded_size(3) == 4 and llm.num_blocks > 0
+    assert llm.runner.graphs.padded_size(3) == 4 and llm.num_blocks > 0
     at_start = list(compiled)
     replays = []
-    replay = StepGraph.replay
-    monkeypatch.setattr(StepGraph, "replay", lambda self: replays.append(self) or replay(self))
+    replay = CudaGraphWrapper.replay
+    monkeypatch.setattr(CudaGraphWrapper, "replay", lambda self, *a: replays.append(self) or replay(self, *a))
     assert token_ids(llm.generate(PROMPTS, GREEDY, use_tqdm=False)) == expected
     if mode == "full":
-        assert set(llm.runner.decode_graphs) == set(llm.runner.capture_sizes)
-        assert len(replays) >= MAX_TOKENS - 1  # every decode step
+        assert set(llm.runner.graphs.decode.graphs) == set(llm.runner.graphs.sizes)
+        assert sum(r is llm.runner.graphs.decode for r in replays) >= MAX_TOKENS - 1  # every decode step
         # Dry steps at startup had every kernel compiled on the pool (runtime/kernels/precompile.py):
         # none compiled on the main thread, none left for the first requests.
         assert all(thread.startswith("triton-compile") for _, thread in at_start), at_start
         assert compiled == at_start, compiled[len(at_start):]
     else:
-        assert not llm.runner.decode_graphs and not replays
+        assert llm.runner.graphs.decode is None and replays  # the backend's pieces replay
 
 
 @pytest.mark.parametrize("kind", ["qwen3", "llama"])
@@ -159,24 +159,24 @@ def test_compile_cache_serves_a_second_engine(tiny, tmp_path, kind):
     assert token_ids(second.generate(PROMPTS, GREEDY, use_tqdm=False)) == expected
     assert last_report().cached and dynamo_frames() == frames  # loaded: Dynamo never ran
     for engine, kind_ in ((first, DirectStage), (second, CachedStage)):  # compiled here / loaded
-        stages = engine.runner._stages
+        stages = engine.runner.forward.stages
         assert isinstance(stages.prepare, PlainStage)  # the eager inner compiler leaves it as written
         assert isinstance(stages.layer, kind_) and isinstance(stages.finish, kind_)
     off = make_llm(folder, "eager", block_size=4, compile_cache_dir="")
-    assert off.runner._cache_dir is None
+    assert off.runner.forward.cache_dir is None
 
 
 def test_padded_decode_batches_give_the_same_output(tiny, monkeypatch):
     """The CUDA-graph padding path, exercised on CPU: decode batches of 3 run as 4 tokens."""
     folder, expected = tiny["qwen2"]
     llm = make_llm(folder, "eager", block_size=4)
-    monkeypatch.setattr(llm.runner, "capture_sizes", (1, 2, 4, 8))
+    monkeypatch.setattr(llm.runner.graphs, "sizes", (1, 2, 4, 8))
     seen = []
     forward = llm.runner.forward
 
-    def spy(input_ids, positions, metadata):
+    def spy(input_ids, positions, metadata, step=None):
         seen.append((input_ids.shape[0], metadata.slot_mapping.tolist(), metadata.block_tables.shape[1]))
-        return forward(input_ids, positions, metadata)
+        return forward(input_ids, positions, metadata, step)
 
     monkeypatch.setattr(llm.runner, "forward", spy)
     assert token_ids(llm.generate(PROMPTS, GREEDY, use_tqdm=False)) == expected

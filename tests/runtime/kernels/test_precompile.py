@@ -54,25 +54,45 @@ def test_dry_launches_compile_on_the_pool_and_the_real_launch_reuses_them():
 
 
 def test_deferring_turns_every_launch_into_a_warmup_and_restores_launches_after():
-    from triton.runtime.jit import JITFunction
+    import triton
 
+    from infer.runtime.kernels.launch import launch, launches_are_dry
     from infer.runtime.kernels.precompile import KernelCompiles
 
-    def body(x):
-        pass
+    class Kernel:  # the two entry points of a Triton kernel: launch (kernel[grid]) and run
+        def __init__(self):
+            self.calls = []
 
-    kernel = JITFunction(body)  # a compiled (not interpreted) kernel object, whatever TRITON_INTERPRET says
-    calls = []
-    kernel.run = lambda *args, grid, warmup, **kwargs: calls.append((args, grid, warmup, kwargs))
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: self.calls.append(("launch", args, grid, kwargs))
+
+        def run(self, *args, grid, warmup, **kwargs):
+            self.calls.append(("run", args, grid, warmup, kwargs))
+
+    kernel = Kernel()
+    getitem = triton.runtime.jit.JITFunction.__dict__.get("__getitem__")
     compiles = KernelCompiles(workers=1)
     try:
         with compiles.deferring():
-            kernel[(3,)](7, flag=True)
-        kernel[(2,)](8)
+            assert launches_are_dry()
+            launch(kernel, (3,))(7, flag=True)
+            assert triton.runtime.jit.JITFunction.__dict__.get("__getitem__") is getitem  # Triton untouched
+        launch(kernel, (2,))(8)
     finally:
         compiles.close()
-    assert calls == [((7,), (3,), True, {"flag": True}), ((8,), (2,), False, {})]
-    assert "__getitem__" not in JITFunction.__dict__  # the class's own lookup is back
+    assert not launches_are_dry()
+    assert kernel.calls == [("run", (7,), (3,), True, {"flag": True}), ("launch", (8,), (2,), {})]
+
+
+def test_every_triton_launch_of_the_project_goes_through_launch():
+    """A ``kernel[grid](...)`` written directly would launch during dry steps."""
+    import re
+    from pathlib import Path
+    kernels = Path(__file__).resolve().parents[3] / "runtime" / "kernels"
+    direct = [f"{p.name}:{i}" for p in sorted(kernels.glob("*.py"))
+              for i, line in enumerate(p.read_text().splitlines(), 1)
+              if re.search(r"_kernel\[[^\]]*\]\(", line) and not line.lstrip().startswith("#")]
+    assert direct == []
 
 
 @pytest.mark.gpu
@@ -96,7 +116,7 @@ def test_a_dry_launch_of_a_compiled_kernel_does_not_run():
 
 
 def test_dry_steps_run_the_first_layer_of_each_kind_only():
-    from infer.runtime.engine.startup_steps import _first_of_each_kind
+    from infer.runtime.engine.forward import first_of_each_kind
     layers = [torch.nn.Linear(4, 4), torch.nn.Linear(4, 4), torch.nn.Linear(4, 8), torch.nn.Linear(4, 4)]
     ran = []
 
@@ -104,7 +124,7 @@ def test_dry_steps_run_the_first_layer_of_each_kind_only():
         ran.append(module)
         return hidden + 1, residual + shared
 
-    dry = _first_of_each_kind(layer_fn)
+    dry = first_of_each_kind(layer_fn)
     hidden, residual = torch.zeros(2), torch.zeros(2)
     for module in layers:
         hidden, residual = dry(module, hidden, residual, torch.ones(2))
@@ -136,7 +156,7 @@ def _tiny_llama(device: str = "cpu"):
 def test_profile_forward_runs_the_first_layer_of_each_kind(monkeypatch):
     from infer.models.llama import LlamaDecoderLayer
     from infer.runtime.attention import forward_context
-    from infer.runtime.engine.startup_steps import profile_forward
+    from infer.runtime.engine.startup import profile_forward
 
     model, metadata, ids, positions = _tiny_llama()
     ran = []
@@ -160,7 +180,7 @@ def test_profile_forward_runs_the_first_layer_of_each_kind(monkeypatch):
 @pytest.mark.gpu
 def test_profile_forward_has_the_whole_stack_s_activation_peak():
     from infer.runtime.attention import forward_context
-    from infer.runtime.engine.startup_steps import profile_forward
+    from infer.runtime.engine.startup import profile_forward
 
     model, metadata, ids, positions = _tiny_llama("cuda")
     with torch.inference_mode(), forward_context(metadata):

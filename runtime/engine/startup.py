@@ -1,6 +1,6 @@
-"""What a :class:`~.model_runner.ModelRunner` runs once, at startup: the profile run that sizes the
-KV cache, the dry decode steps that name every Triton kernel for the compile pool
-(:mod:`..kernels.precompile`), and the capture of the decode graphs."""
+"""What the engine runs once, at startup: the profile run that sizes the KV cache, the dry decode
+steps that name every Triton kernel for the compile pool (:mod:`..kernels.precompile`), and the
+capture of the decode graphs."""
 from __future__ import annotations
 
 import contextlib
@@ -10,32 +10,21 @@ import time
 import torch
 from torch import Tensor, nn
 
-from ..attention.metadata import cdiv
+from ...compiler.cudagraph import CudaGraphPool
 from ..attention import AttentionMetadata, forward_context
+from ..attention.metadata import cdiv, host_to_device
+from .config import EngineConfig
 from .decode_buffers import DecodeBuffers
+from .forward import ModelForward, first_of_each_kind
 from .kv_cache import attention_layers, bind_kv_cache, release_kv_cache
 from .sampler import sample
 from .sampling import SamplingParams
-from .step import StepGraph
+from .step_graphs import StepGraphs
 
 logger = logging.getLogger(__name__)
 
 PAD_TOKEN_ID = 0  # input id of a padding token (its KV slot is -1, its output is ignored)
 PROFILE_SAMPLING = SamplingParams(temperature=1.0, top_p=0.9)  # the costliest sampling path
-
-
-def _first_of_each_kind(layer_fn):
-    """A stage ``layer`` function that runs only the first layer of each kind (class and
-    parameter shapes) it meets and passes the stream through the others: for dry steps."""
-    seen = set()
-
-    def layer(module: nn.Module, hidden: Tensor, residual: Tensor, *shared):
-        kind = (type(module), tuple((name, p.shape, p.dtype) for name, p in module.named_parameters()))
-        if kind in seen:
-            return hidden, residual
-        seen.add(kind)
-        return layer_fn(module, hidden, residual, *shared)
-    return layer
 
 
 def profile_forward(model: nn.Module, input_ids: Tensor, positions: Tensor) -> Tensor:
@@ -46,53 +35,74 @@ def profile_forward(model: nn.Module, input_ids: Tensor, positions: Tensor) -> T
     if not hasattr(model, "run_stages"):
         return model(input_ids, positions)
     stages = model.stages
-    return model.run_stages(input_ids, positions, stages._replace(layer=_first_of_each_kind(stages.layer)))
+    return model.run_stages(input_ids, positions, stages._replace(layer=first_of_each_kind(stages.layer)))
 
 
-class StartupSteps:
-    """The startup half of :class:`~.model_runner.ModelRunner` (a base class: it uses the runner's
-    model, config, forward, buffers and compile pool)."""
+def decode_step(model: nn.Module, forward: ModelForward, buffers: DecodeBuffers) -> Tensor:
+    """One decode step on static buffers, LM head included: ``[size, V]`` logits."""
+    hidden = forward(buffers.input_ids, buffers.positions, buffers.metadata)  # [B, H]
+    return model.compute_logits(hidden)  # [B, V]
+
+
+class Startup:
+    """The startup steps of one engine: the model, its forward, its CUDA-graph policy and the
+    pool that compiles Triton kernels side by side (None: kernels compile where they first run)."""
+
+    def __init__(self, model: nn.Module, config: EngineConfig, forward: ModelForward, graphs: StepGraphs,
+                 compiles) -> None:
+        self.model = model
+        self.config = config
+        self.forward = forward
+        self.graphs = graphs
+        self.compiles = compiles
+        self.device = graphs.device
+        self.block_size = config.block_size
 
     @torch.inference_mode()
     def capture_cudagraphs(self) -> float:
         """Warm up and capture every capture size, largest first (one shared pool); returns seconds.
+        Closes the compile pool (waiting for any compile still running).
 
         The dummy steps are all padding: no sequence, every slot -1, so no KV is written."""
-        compiles, self._compiles = self._compiles, None
+        compiles, self.compiles = self.compiles, None
         try:
             return self._capture(compiles)
         finally:
             if compiles is not None:
-                compiles.close()  # waits for any compile still running
+                compiles.close()
 
     def _capture(self, compiles) -> float:
-        if not (self.compiled and self.capture_sizes):
+        graphs = self.graphs
+        if self.forward.kind == "eager" or graphs.mode == "none":
             return 0.0
         start = time.perf_counter()
-        pool = torch.cuda.graph_pool_handle()  # shared by every size, captured largest first
-        sizes = sorted(self.capture_sizes, reverse=True)
+        pool = CudaGraphPool()  # shared by every size, captured largest first
+        sizes = sorted(graphs.sizes, reverse=True)
         warmups = 2  # compile (first size only), then the kernels' first launches
         if compiles is not None:
-            if self.full_graph:
+            if graphs.full:
                 with compiles.deferring():  # dry steps name the decode kernels; the pool compiles them
                     self._dry_decode_steps(sizes)
             compiles.wait()
-            if self.full_graph and not compiles.failed:
+            if graphs.full and not compiles.failed:
                 warmups = 0  # every kernel compiled and loaded by the pool, every torch op run once
         for size in sizes:
-            if self.full_graph:
-                self.decode_graphs[size] = self.capture_decode_step(self._cleared_buffers(size), pool, warmups)
+            if graphs.full:
+                graphs.capture_decode(self.decode_step, self._cleared_buffers(size), pool, warmups)
                 continue
             metadata = AttentionMetadata.build([], [], [], self.block_size, self.device,
-                                               max_blocks_per_seq=self.max_blocks_per_seq, pad_tokens_to=size)
+                                               max_blocks_per_seq=graphs.max_blocks_per_seq, pad_tokens_to=size)
             ids = torch.full((size,), PAD_TOKEN_ID, dtype=torch.int64, device=self.device)  # [size]
             positions = torch.zeros(size, dtype=torch.int64, device=self.device)  # [size]
             for _ in range(2):  # warm-up, then the backend captures each piece
-                self.forward(ids, positions, metadata)
+                self.forward(ids, positions, metadata, graphs.backend_step(size))
         torch.cuda.synchronize()
         seconds = time.perf_counter() - start
-        logger.info("captured CUDA graphs for %d sizes in %.1fs", len(self.capture_sizes), seconds)
+        logger.info("captured CUDA graphs for %d sizes in %.1fs", len(sizes), seconds)
         return seconds
+
+    def decode_step(self, buffers: DecodeBuffers) -> Tensor:
+        return decode_step(self.model, self.forward, buffers)
 
     def _dry_decode_steps(self, sizes: list[int]) -> None:
         """One dry decode step per size, smallest first (the GEMV variants, the slowest compiles,
@@ -100,35 +110,15 @@ class StartupSteps:
         the first layer of each kind runs: the others would launch the same kernel variants."""
         start = time.perf_counter()
         for i, size in enumerate(sorted(sizes)):
-            if i == 0 or not self.staged:
-                self._decode_step(self._cleared_buffers(size))
-                continue
-            stages = self._stages
-            self._stages = stages._replace(layer=_first_of_each_kind(stages.layer))
-            try:
-                self._decode_step(self._cleared_buffers(size))
-            finally:
-                self._stages = stages
+            dry = self.forward.first_layer_of_each_kind() if i else contextlib.nullcontext()
+            with dry:
+                self.decode_step(self._cleared_buffers(size))
         logger.info("dry decode steps for %d sizes in %.2fs", len(sizes), time.perf_counter() - start)
 
     def _cleared_buffers(self, size: int) -> DecodeBuffers:
-        buffers = self._buffers(size)
+        buffers = self.graphs.decode_buffers(size)
         buffers.clear()
         return buffers
-
-    def _decode_step(self, buffers: DecodeBuffers) -> Tensor:
-        hidden = self.forward(buffers.input_ids, buffers.positions, buffers.metadata)  # [B, H]
-        return self.model.compute_logits(hidden)  # [B, V]
-
-    def capture_decode_step(self, buffers: DecodeBuffers, pool, warmups: int = 2) -> StepGraph:
-        """Warm up ``warmups`` times, then capture forward + LM head on ``buffers`` (all rows
-        dummy: nothing is written)."""
-        def step() -> Tensor:
-            return self._decode_step(buffers)
-        for _ in range(warmups):
-            step()
-        torch.cuda.synchronize()
-        return StepGraph(step, pool)
 
     @torch.inference_mode()
     def profile_run(self) -> None:
@@ -156,8 +146,8 @@ class StartupSteps:
         try:
             metadata = AttentionMetadata.build(lens, lens, tables, self.block_size, self.device)
             ids = torch.full((total,), PAD_TOKEN_ID, dtype=torch.int64, device=self.device)  # [T]
-            positions = self._tensor([p for n in lens for p in range(n)])  # [T]
-            dry = self._compiles.deferring() if self._compiles is not None else contextlib.nullcontext()
+            positions = host_to_device([p for n in lens for p in range(n)], torch.int64, self.device)  # [T]
+            dry = self.compiles.deferring() if self.compiles is not None else contextlib.nullcontext()
             with forward_context(metadata), dry:
                 hidden = profile_forward(self.model, ids, positions)  # [T, H], eager (see above)
                 rows = min(config.max_num_seqs, total)
