@@ -39,15 +39,19 @@ WARMUP_PROMPT_LEN = 8  # token ids of the warm-up prompts that compile outside t
 def generate(args: argparse.Namespace) -> int:
     """Complete the prompts with the engine; print each completion and the decode throughput."""
     from . import LLM, SamplingParams
+    from .runtime.engine.llm import check_model_folder, has_chat_template
 
-    try:
-        params = SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
-                                max_tokens=args.max_tokens, seed=args.seed, ignore_eos=args.ignore_eos)
-        llm = LLM(args.model, dtype=args.dtype, device=args.device, max_model_len=args.max_model_len,
-                  compile=not args.no_compile, compile_options={"inner_compiler": args.inner_compiler})
-    except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    params = SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+                            max_tokens=args.max_tokens, seed=args.seed, ignore_eos=args.ignore_eos)
+    model = args.model
+    if model is None:
+        from .models.default import default_model_path
+        model = default_model_path()
+    check_model_folder(model)
+    if args.chat and not has_chat_template(model):
+        raise ValueError(f"--chat but the tokenizer of {model} has no chat template")
+    llm = LLM(model, dtype=args.dtype, device=args.device, max_model_len=args.max_model_len,
+              compile=not args.no_compile, compile_options={"inner_compiler": args.inner_compiler})
     if not args.no_compile:
         _warm_up(llm, len(args.prompts))
     start = time.perf_counter()
@@ -97,6 +101,7 @@ def _add_generate_parser(sub: argparse._SubParsersAction) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m infer", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("demo", help="compile a built-in random-weight Llama and print the compile report")
     p.add_argument("--inner-compiler", choices=["inductor", "eager"], default="inductor")
@@ -105,7 +110,24 @@ def main(argv: list[str] | None = None) -> int:
     _add_generate_parser(sub)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING)
-    return args.run(args)
+    try:
+        return args.run(args)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # every failure is one line; the traceback is behind --debug
+        if args.debug:
+            raise
+        print(f"error: {_one_line(e)}", file=sys.stderr)
+        return 2
+
+
+def _one_line(error: BaseException) -> str:
+    """The error's message on one line, with its type when the message alone would not say it."""
+    message = " ".join(str(error).split()) or type(error).__name__
+    if isinstance(error, (ValueError, FileNotFoundError, ImportError, TypeError)):
+        return message
+    return f"{type(error).__name__}: {message}"
 
 
 if __name__ == "__main__":

@@ -31,7 +31,14 @@ def checkpoint_files(path: Path) -> list[Path]:
     """The safetensors files of a checkpoint folder, from the index when there is one."""
     index = path / INDEX_FILE
     if index.is_file():
-        weight_map = json.loads(index.read_text())["weight_map"]
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{index} is not valid JSON ({e})") from None
+        except (KeyError, TypeError):
+            raise ValueError(f"{index} has no 'weight_map' (tensor name -> shard file)") from None
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise ValueError(f"{index}: 'weight_map' must map tensor names to shard file names")
         files = [path / name for name in sorted(set(weight_map.values()))]
         absent = [str(f.name) for f in files if not f.is_file()]
         if absent:
@@ -60,8 +67,36 @@ def check_names(model: nn.Module, names: set[str]) -> None:
         raise ValueError(f"checkpoint is missing {len(missing)} weights: {_listing(missing)}")
 
 
-def load_into(params: dict[str, nn.Parameter], name: str, file: Path, tensor: torch.Tensor) -> None:
+class FiniteCheck:
+    """Whether every loaded floating-point tensor is finite: one device-side flag per tensor
+    while the weights load (no synchronisation), read once at the end."""
+
+    def __init__(self) -> None:
+        self._flags: list[tuple[str, Path, torch.Tensor]] = []
+
+    def add(self, name: str, file: Path, tensor: torch.Tensor) -> None:
+        if not tensor.is_floating_point() or not tensor.numel():
+            return
+        if tensor.element_size() == 1:  # float8: no isfinite kernel; compared after widening
+            tensor = tensor.to(torch.float16)
+        self._flags.append((name, file, torch.isfinite(tensor).all()))
+
+    def raise_if_any(self) -> None:
+        """ValueError naming the tensors (and their files) that hold NaN or Inf values."""
+        if not self._flags:
+            return
+        finite = torch.stack([flag.to("cpu") for _, _, flag in self._flags]).tolist()
+        bad = [f"{name!r} in {file.name}" for (name, file, _), ok in zip(self._flags, finite) if not ok]
+        if bad:
+            raise ValueError(f"checkpoint has {len(bad)} tensors holding NaN or Inf values: {_listing(bad)}; "
+                             "refusing it (every request would sample from non-finite logits)")
+
+
+def load_into(params: dict[str, nn.Parameter], name: str, file: Path, tensor: torch.Tensor,
+              finite: FiniteCheck | None = None) -> None:
     """Run ``name``'s weight_loader on ``tensor``; a ValueError names the tensor and its file."""
+    if finite is not None:
+        finite.add(name, file, tensor)
     param = params[name]
     loader = getattr(param, "weight_loader", default_weight_loader)
     try:
@@ -77,17 +112,35 @@ def load_weights(model: nn.Module, files: list[Path]) -> int:
     """
     names: set[str] = set()
     for file in files:
-        with safe_open(str(file), framework="pt", device="cpu") as f:
+        with open_shard(file) as f:
             names.update(f.keys())
     check_names(model, names)
     params = dict(model.named_parameters(remove_duplicate=False))
+    finite = FiniteCheck()
     loaded = 0
     for file in files:
-        with safe_open(str(file), framework="pt", device="cpu") as f:
+        with open_shard(file) as f:
             for name in f.keys():
                 if name not in params:
                     continue  # skipped buffer, already vetted by check_names
-                tensor = f.get_tensor(name)
+                tensor = read_tensor(f, file, name)
                 loaded += tensor.numel() * tensor.element_size()
-                load_into(params, name, file, tensor)
+                load_into(params, name, file, tensor, finite)
+    finite.raise_if_any()
     return loaded
+
+
+def open_shard(file: Path):
+    """``safe_open`` of one shard; a file that is not safetensors is a ValueError naming it."""
+    try:
+        return safe_open(str(file), framework="pt", device="cpu")
+    except Exception as e:  # safetensors' own error type names neither the file nor the cause well
+        raise ValueError(f"checkpoint shard {file.name} ({file}) is not a readable safetensors file: {e}") from None
+
+
+def read_tensor(f, file: Path, name: str) -> torch.Tensor:
+    try:
+        return f.get_tensor(name)
+    except Exception as e:  # a truncated shard: the header lists bytes the file does not hold
+        raise ValueError(f"checkpoint tensor {name!r} in {file.name} cannot be read (truncated or corrupt "
+                         f"shard?): {e}") from None

@@ -85,7 +85,10 @@ def load_model(
         raise FileNotFoundError(f"no config.json in checkpoint folder {str(path)!r}")
     from transformers import AutoConfig  # heavy import, deferred to first use
 
-    config = AutoConfig.from_pretrained(str(path))
+    try:
+        config = AutoConfig.from_pretrained(str(path))
+    except (OSError, ValueError, KeyError, TypeError) as e:  # not JSON, an unknown model_type, a bad field
+        raise ValueError(f"transformers cannot read {path / 'config.json'}: {e}") from None
     model_cls = model_class_for(config)
     files = checkpoint_files(path)
     dtype = resolve_dtype(dtype, config)

@@ -18,16 +18,26 @@ ARCHITECTURES: Mapping[str, type] = MappingProxyType(
 )
 
 
-def model_class_for(config: Any) -> type:
-    """The class for the first supported name in ``config.architectures``.
+MODEL_TYPES: Mapping[str, type] = MappingProxyType(  # for a config.json without "architectures"
+    {"llama": LlamaForCausalLM, "mistral": LlamaForCausalLM, "qwen2": Qwen2ForCausalLM, "qwen3": Qwen3ForCausalLM}
+)
 
-    Raises ValueError naming the architectures found and listing the supported ones.
+
+def model_class_for(config: Any) -> type:
+    """The class for the first supported name in ``config.architectures``; a config without
+    architectures (transformers accepts one with only ``model_type``) goes by its ``model_type``.
+
+    Raises ValueError naming the architectures (or model type) found and listing the supported ones.
     """
     names = list(getattr(config, "architectures", None) or [])
     for name in names:
         if name in ARCHITECTURES:
             return ARCHITECTURES[name]
-    found = ", ".join(names) if names else "none (config.architectures is empty)"
+    model_type = getattr(config, "model_type", None)
+    if not names and model_type in MODEL_TYPES:
+        return MODEL_TYPES[model_type]
+    found = ", ".join(names) if names else f"none in config.architectures, model_type {model_type!r}"
     raise ValueError(
-        f"unsupported model architecture: {found}; supported: {', '.join(sorted(ARCHITECTURES))}"
+        f"unsupported model architecture: {found}; supported: {', '.join(sorted(ARCHITECTURES))} "
+        f"(model types {', '.join(sorted(MODEL_TYPES))})"
     )

@@ -15,10 +15,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from torch import nn
 
-from .checkpoint import check_names, load_into
+from .checkpoint import FiniteCheck, read_tensor, check_names, load_into, open_shard
 
 
 @dataclass(frozen=True, slots=True)
@@ -244,28 +243,28 @@ def stream_weights(model: nn.Module, files: list[Path], staging: StagingConfig |
     device = next(iter(params.values())).device if params else torch.device("cpu")
     loaded = sum(e.nbytes for e in wanted)
 
+    finite = FiniteCheck()
     fallback = [e for e in wanted if e.dtype not in SAFETENSORS_DTYPES]
     for file in dict.fromkeys(e.file for e in fallback):
-        with safe_open(str(file), framework="pt", device="cpu") as f:
+        with open_shard(file) as f:
             for e in (e for e in fallback if e.file == file):
-                load_into(params, e.name, e.file, f.get_tensor(e.name).to(params[e.name].device))
+                load_into(params, e.name, e.file, read_tensor(f, file, e.name).to(params[e.name].device), finite)
     raw = [e for e in wanted if e.dtype in SAFETENSORS_DTYPES]
     for e in (e for e in raw if e.nbytes == 0):  # nothing to read
         dtype = SAFETENSORS_DTYPES[e.dtype]
         load_into(params, e.name, e.file, torch.empty(e.shape, dtype=dtype, device=params[e.name].device))
     raw.sort(key=lambda e: (files.index(e.file), e.offset))  # file order: sequential reads
     chunks = _plan_chunks([e for e in raw if e.nbytes > 0], staging.buffer_bytes)
-    if not chunks:
-        return loaded
-
-    with torch.cuda.device(device) if device.type == "cuda" else nullcontext():
-        _stream_chunks(chunks, params, device, min(staging.buffers, len(chunks)), staging)
+    if chunks:
+        with torch.cuda.device(device) if device.type == "cuda" else nullcontext():
+            _stream_chunks(chunks, params, device, min(staging.buffers, len(chunks)), staging, finite)
+    finite.raise_if_any()
     return loaded
 
 
 def _stream_chunks(
     chunks: list[_Chunk], params: dict[str, nn.Parameter], device: torch.device, num_buffers: int,
-    config: StagingConfig,
+    config: StagingConfig, finite: FiniteCheck,
 ) -> None:
     """The consumer side of :func:`stream_weights`: copy each filled buffer out, run the loaders."""
     cuda = device.type == "cuda"
@@ -296,7 +295,7 @@ def _stream_chunks(
                 target[piece.tensor_offset : piece.tensor_offset + piece.nbytes].copy_(source, non_blocking=cuda)
                 if piece.last:
                     tensor = partial.pop(entry).view(SAFETENSORS_DTYPES[entry.dtype]).view(entry.shape)
-                    load_into(params, entry.name, entry.file, tensor)
+                    load_into(params, entry.name, entry.file, tensor, finite)
             if cuda:
                 event = torch.cuda.Event()
                 event.record(stream)

@@ -82,6 +82,10 @@ class EngineConfig:
         options = self.compile_options
         if isinstance(options, Mapping):
             options = options.items()
+        elif isinstance(options, (str, bytes)) or not all(
+                isinstance(item, tuple) and len(item) == 2 for item in options):
+            raise ValueError(f"compile_options must be a dict of backend options (e.g. "
+                             f"{{'inner_compiler': 'eager'}}), got {self.compile_options!r}")
         object.__setattr__(self, "compile_options", tuple(sorted((str(k), _freeze(v)) for k, v in options)))
         if not self.cudagraph_capture_sizes:
             object.__setattr__(self, "cudagraph_capture_sizes", capture_sizes(self.max_num_seqs))

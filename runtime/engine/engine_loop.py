@@ -41,31 +41,36 @@ class EngineLoop:
         self.scheduler = scheduler
         self.runner = runner
         self.async_scheduling = async_scheduling
+        self.pending: PendingStep | None = None  # the decode step in flight (async scheduling)
 
     def run(self) -> Iterator[Sequence]:
-        """Run until the scheduler is empty, yielding each sequence as it finishes; after an
-        exception every queued sequence is dropped, so that the next run starts clean."""
-        pending: PendingStep | None = None
+        """Run until the scheduler is empty, yielding each sequence as it finishes."""
+        while not self.is_idle():
+            yield from self.step()
+
+    def is_idle(self) -> bool:
+        """Nothing queued, running or in flight on the device."""
+        return self.pending is None and self.scheduler.is_finished()
+
+    def step(self) -> list[Sequence]:
+        """One step (with async scheduling: launch the next step, then postprocess the one in
+        flight); returns the sequences that finished. After an exception every queued sequence is
+        dropped, so that the next step starts clean."""
         try:
-            while True:
-                if pending is not None:
-                    pending, finished = self._step_ahead(pending)
-                    yield from finished
-                    continue
-                batch = self.scheduler.schedule()
-                yield from batch.finished
-                if batch.is_empty:
-                    if self.scheduler.is_finished():
-                        return
-                    if not batch.finished:
-                        raise RuntimeError(f"the scheduler made no progress: {len(self.scheduler.waiting)} "
-                                           f"waiting, {len(self.scheduler.running)} running")
-                    continue
-                if self.async_scheduling and self.runner.supports_async(batch):
-                    pending = self.runner.sample_async(self.runner.launch(batch))
-                    continue
-                tokens = self.runner.run(batch)
-                yield from self.scheduler.postprocess(batch, tokens)
+            if self.pending is not None:
+                self.pending, finished = self._step_ahead(self.pending)
+                return finished
+            batch = self.scheduler.schedule()
+            if batch.is_empty:
+                if not batch.finished and not self.scheduler.is_finished():
+                    raise RuntimeError(f"the scheduler made no progress: {len(self.scheduler.waiting)} "
+                                       f"waiting, {len(self.scheduler.running)} running")
+                return batch.finished
+            if self.async_scheduling and self.runner.supports_async(batch):
+                self.pending = self.runner.sample_async(self.runner.launch(batch))
+                return batch.finished
+            tokens = self.runner.run(batch)
+            return batch.finished + self.scheduler.postprocess(batch, tokens)
         except BaseException:
             self.abort()
             raise
@@ -86,6 +91,7 @@ class EngineLoop:
     def abort(self) -> None:
         """Drop every queued sequence (after an exception); work still queued on the device only
         touches the freed blocks before any later step can reuse them (stream order)."""
+        self.pending = None
         scheduler = self.scheduler
         for seq in list(scheduler.running):
             scheduler.block_manager.deallocate(seq)

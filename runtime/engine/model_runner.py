@@ -83,7 +83,9 @@ class ModelRunner:
         ahead = batch.input_rows is not None
         fill_decode_buffers(buffers, batch.entries, self.block_size, with_ids=not ahead)
         if ahead:  # the ids were sampled by the step before, still running: copy them in stream order
-            buffers.input_ids[:n].copy_(input_tokens[self._rows(batch.input_rows)])  # [n]
+            # clamped: a row sampled from non-finite logits (-1) fails at its postprocess; until
+            # then it must stay a valid id for the embedding
+            buffers.input_ids[:n].copy_(input_tokens[self._rows(batch.input_rows)].clamp_min(0))  # [n]
         return StepInputs(buffers.input_ids, buffers.positions, buffers.metadata, buffers.rows[:n], n, size)
 
     def prepare(self, batch: ScheduledBatch, input_tokens: Tensor | None = None) -> StepInputs:

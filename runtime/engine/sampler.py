@@ -15,13 +15,13 @@ from collections.abc import Sequence as SequenceABC
 import torch
 from torch import Tensor
 
-from ..kernels.sampling_triton import draw_seed, gumbel_sample
 from .sampling import SamplingParams
 
 KERNEL_DEVICE_TYPES = ("cuda",)  # devices whose temperature-only shared rows take the Triton kernel
 # Fewest rows that take the kernel. H200, vocab 151,936, bf16, per call: 155 vs 726 us at 256 rows,
 # 146 vs 233 us at 64; at 1-8 rows both take ~120-130 us, nearly all of it host time.
 KERNEL_MIN_ROWS = 64
+NON_FINITE_TOKEN = -1  # the "token" of a row whose logits hold NaN or Inf
 MIN_TEMPERATURE = 1e-5  # smaller positive temperatures would overflow the scaled logits to inf
 
 
@@ -38,7 +38,8 @@ def sample(logits: Tensor, params: SequenceABC[SamplingParams],
 
     Returns:
         ``[N] int64`` token ids on ``logits.device``. Greedy rows (``temperature == 0``) take
-        the argmax, ties going to the lowest id.
+        the argmax, ties going to the lowest id. A row whose logits are not all finite gets
+        ``NON_FINITE_TOKEN`` (the scheduler fails its request).
     """
     if logits.dim() != 2:
         raise ValueError(f"logits must be [N, V], got shape {tuple(logits.shape)}")
@@ -48,8 +49,12 @@ def sample(logits: Tensor, params: SequenceABC[SamplingParams],
                          f"(got {None if generators is None else len(generators)}) per logits row ({n})")
     shared = _shared_params(params, generators)
     if shared is not None:
-        return _sample_shared(logits, shared)
-    return _sample_per_row(logits.float(), params, generators)
+        tokens = _sample_shared(logits, shared)
+    else:
+        tokens = _sample_per_row(logits.float(), params, generators)
+    # A row's sum is finite exactly when every logit is (fp32: finite logits cannot overflow it).
+    finite = torch.isfinite(logits.sum(dim=-1, dtype=torch.float32))  # [N]
+    return torch.where(finite, tokens, NON_FINITE_TOKEN)
 
 
 def _shared_params(params: SequenceABC[SamplingParams],
@@ -73,6 +78,7 @@ def _sample_shared(logits: Tensor, params: SamplingParams) -> Tensor:
     temperature = max(params.temperature, MIN_TEMPERATURE)
     if (logits.device.type in KERNEL_DEVICE_TYPES and logits.shape[0] >= KERNEL_MIN_ROWS
             and not _filters(params, logits.shape[1])):
+        from ..kernels.sampling_triton import draw_seed, gumbel_sample  # CUDA only: Triton imported here
         return gumbel_sample(logits, temperature, draw_seed())
     return _race_shared(logits.float(), params)
 

@@ -31,6 +31,8 @@ from .sequence import FINISH_ERROR, FINISH_LENGTH, FINISH_STOP, Sequence, Sequen
 
 logger = logging.getLogger(__name__)
 
+NON_FINITE = "non-finite logits"  # a stop reason of the scheduler's own: the request fails
+
 
 @dataclass(frozen=True, slots=True)
 class SchedulerConfig:
@@ -225,10 +227,13 @@ class Scheduler:
         for entry in batch.entries:
             seq = entry.seq
             seq.num_computed_tokens = entry.end
-            self.block_manager.commit(seq, entry.start)
-            if not entry.sample:
+            token = int(next(token_iter)) if entry.sample else None
+            if token is not None and token < 0:  # its KV may be as bad as its logits: not cached
+                stopped.append((seq, NON_FINITE))
                 continue
-            token = int(next(token_iter))
+            self.block_manager.commit(seq, entry.start)
+            if token is None:
+                continue
             seq.append_token(token)
             reason = self._stop_reason(seq, token)
             if reason is not None:
@@ -242,17 +247,25 @@ class Scheduler:
         for entry, seq, token in zip(entries, seqs, tokens):
             token = int(token)
             seq.num_computed_tokens = entry.start + 1
+            if token < 0:
+                stopped.append((seq, NON_FINITE))
+                continue
             seq.token_ids.append(token)
             reason = self._stop_reason(seq, token)
             if reason is not None:
                 stopped.append((seq, reason))
-        self.block_manager.commit_decode(seqs)
+        failed = {id(seq) for seq, reason in stopped if reason is NON_FINITE}
+        self.block_manager.commit_decode([seq for seq in seqs if id(seq) not in failed] if failed else seqs)
         return self._retire(stopped)
 
     def _retire(self, stopped: list[tuple[Sequence, str]]) -> list[Sequence]:
         """Finish the stopped sequences, free their blocks and drop them from the running list."""
         for seq, reason in stopped:
-            seq.finish(reason)
+            if reason is NON_FINITE:
+                seq.finish(FINISH_ERROR, "the model's logits are not finite (NaN or Inf) at this step")
+                logger.warning("request %r failed: non-finite logits", seq.request_id)
+            else:
+                seq.finish(reason)
             self.block_manager.deallocate(seq)
         if stopped:
             self.running = [s for s in self.running if not s.is_finished]

@@ -264,6 +264,7 @@ def test_usage_errors(tiny, tmp_path):
     config = json.loads((folder / "config.json").read_text())
     (tmp_path / "odd").mkdir()
     (tmp_path / "odd" / "config.json").write_text(json.dumps({**config, "architectures": ["OddForCausalLM"]}))
+    (tmp_path / "odd" / "tokenizer.json").write_text((folder / "tokenizer.json").read_text())
     with pytest.raises(ValueError, match="unsupported model architecture: OddForCausalLM"):
         LLM(tmp_path / "odd", compile=False)
     with pytest.raises(ValueError, match="TP > 1"):
