@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ...runtime import distributed
-from .linear import resolve_tp
+from .linear import dense, resolve_tp
 
 
 class VocabParallelEmbedding(nn.Module):
@@ -88,7 +88,7 @@ class ParallelLMHead(VocabParallelEmbedding):
         self.tied = tie_to is not None
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        logits = F.linear(hidden, self.weight)  # [N, V/tp]
+        logits = dense(hidden, self.weight)  # [N, V/tp]
         if self.tp_size == 1:
             return logits
         return distributed.all_gather_last_dim(logits)[..., : self.num_embeddings]  # [N, V]

@@ -1,7 +1,9 @@
 """Tensor-parallel linear layers that load their own shard of a full checkpoint tensor.
 
-Forward is a plain ``F.linear`` so the compiler's GEMM passes see ordinary linears; fusing
-q/k/v or gate/up projections is the compiler's job, not the model's.
+Traced, forward is a plain ``F.linear`` so the compiler's GEMM passes see ordinary linears; fusing
+q/k/v or gate/up projections is the compiler's job, not the model's. Run eagerly, it is
+:func:`infer.runtime.ops.packed_linear.linear`: the same function, from a prepacked copy of the
+weight where the engine made one (CPU).
 """
 from __future__ import annotations
 
@@ -10,6 +12,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from ...runtime import distributed
+from ...runtime.ops import packed_linear
+
+
+def dense(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``F.linear`` as the compiler sees it; eagerly, from the weight's packed copy if it has one."""
+    if torch.compiler.is_compiling():
+        return F.linear(x, weight, bias)
+    return packed_linear.linear(x, weight, bias)
 
 
 def default_weight_loader(param: nn.Parameter, loaded_weight: torch.Tensor) -> None:
@@ -86,7 +96,7 @@ class ColumnParallelLinear(nn.Module):
         load_shard(param, loaded_weight, 0, self.shard, self.num_shards)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)  # [T, out/tp]
+        return dense(x, self.weight, self.bias)  # [T, out/tp]
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_per_rank} (of {self.out_features}), tp={self.tp_size}"
@@ -129,8 +139,8 @@ class RowParallelLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.tp_size == 1:
-            return F.linear(x, self.weight, self.bias)  # [T, out]
-        y = distributed.all_reduce(F.linear(x, self.weight))  # [T, out]
+            return dense(x, self.weight, self.bias)  # [T, out]
+        y = distributed.all_reduce(dense(x, self.weight))  # [T, out]
         return y if self.bias is None else y + self.bias
 
     def extra_repr(self) -> str:

@@ -28,6 +28,7 @@ from torch import Tensor
 from ... import envs
 from ..graphs import SplittingOp, register_splitting_op
 from .context import current_forward_context, get_forward_context
+from .cpu import paged_attention_cpu
 from .flash import attend_flash, flash_attn_available, supports_block_size
 from .metadata import AttentionMetadata
 from .reference import paged_attention_reference
@@ -35,7 +36,7 @@ from .reference import paged_attention_reference
 logger = logging.getLogger(__name__)
 
 BACKEND_ENV_VAR = "INFER_ATTENTION_BACKEND"
-BACKENDS = ("reference", "triton", "flash_attn")
+BACKENDS = ("cpu", "reference", "triton", "flash_attn")
 SUPPORTED_HEAD_DIMS = (64, 128, 256)
 
 
@@ -47,7 +48,7 @@ def _triton_available() -> bool:
 
 
 def select_backend(device: torch.device | str) -> str:
-    """Pick "triton" (CUDA) or "reference" for ``device``; ``$INFER_ATTENTION_BACKEND`` overrides,
+    """Pick "triton" (CUDA), "cpu" (CPU) or "reference" for ``device``; ``$INFER_ATTENTION_BACKEND`` overrides,
     and is the only way to run "flash_attn" (opt-in: the flash-attn adapter has no test that runs it).
 
     "triton" on a non-CUDA device is accepted only under ``TRITON_INTERPRET=1``.
@@ -61,9 +62,13 @@ def select_backend(device: torch.device | str) -> str:
             raise RuntimeError(f"{BACKEND_ENV_VAR}=flash_attn needs CUDA and the flash_attn package (device {device})")
         if override == "triton" and not _triton_available():
             raise RuntimeError(f"{BACKEND_ENV_VAR}=triton but triton is not installed")
+        if override == "cpu" and device.type != "cpu":
+            raise RuntimeError(f"{BACKEND_ENV_VAR}=cpu on device {device}: the cpu backend runs CPU tensors only")
         if override == "triton" and device.type != "cuda" and not envs.triton_interpret():
             raise RuntimeError(f"{BACKEND_ENV_VAR}=triton on device {device} needs TRITON_INTERPRET=1")
         return override
+    if device.type == "cpu":
+        return "cpu"
     if device.type != "cuda" or not _triton_available():
         return "reference"
     return "triton"  # flash_attn only when asked for: no test here runs it
@@ -142,7 +147,9 @@ def paged_attention(q: Tensor, k: Tensor, v: Tensor, kv_cache: Tensor, scale: fl
     if backend == "flash_attn" and not supports_block_size(kv_cache.shape[2]):
         logger.debug("flash_attn needs block_size %% 256 == 0, got %d; using triton", kv_cache.shape[2])
         backend = "triton"
-    if backend == "reference":
+    if backend == "cpu":
+        out = paged_attention_cpu(q3, k3, v3, kv_cache, scale, metadata)  # [T, Hq, D]
+    elif backend == "reference":
         out = paged_attention_reference(q3, k3, v3, kv_cache, scale, metadata)  # [T, Hq, D]
     else:
         out = _run_triton(q3, k3, v3, kv_cache, scale, metadata, use_flash=backend == "flash_attn")

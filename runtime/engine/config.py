@@ -14,6 +14,7 @@ DTYPES = ("auto", "float32", "bfloat16", "float16")
 DEVICE_TYPES = ("cpu", "cuda")
 DEFAULT_MAX_MODEL_LEN = 4096  # cap on max_model_len when it is taken from the model config
 DEFAULT_CPU_KV_CACHE_BYTES = 256 * 2**20
+CPU_UNFUSED = ("fuse_norm", "fuse_activation", "fuse_qk_norm_rope")  # off by default on CPU with Inductor
 
 
 def _freeze(value: Any) -> Any:
@@ -55,6 +56,9 @@ class EngineConfig:
         compile_cache_dir: where compiled graphs are saved and reloaded across processes
             (:mod:`infer.compiler.cache`): ``None`` takes ``$INFER_COMPILE_CACHE_DIR`` or
             ``~/.cache/infer/compile``; ``""`` turns the cache off.
+        cpu_packed_weights: on CPU, give every linear weight a prepacked copy in oneDNN's layout
+            (:mod:`infer.runtime.ops.packed_linear`: about twice the GEMM bandwidth of ``F.linear``,
+            for as much memory again as the linear weights take).
     """
 
     model: str
@@ -76,6 +80,7 @@ class EngineConfig:
     async_scheduling: bool = True
     staged_compile: bool = True
     compile_cache_dir: str | None = None
+    cpu_packed_weights: bool = True
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "model", str(self.model))
@@ -113,7 +118,7 @@ class EngineConfig:
         if not 0.0 < self.gpu_memory_utilization <= 1.0:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization!r}")
         for name in ("enable_prefix_caching", "enable_chunked_prefill", "compile", "enforce_eager", "async_scheduling",
-                     "staged_compile"):
+                     "staged_compile", "cpu_packed_weights"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
         sizes = self.cudagraph_capture_sizes
@@ -142,8 +147,16 @@ class EngineConfig:
     @property
     def compile_options_dict(self) -> dict[str, Any]:
         """Backend options; with CUDA graphs on, full decode graphs at the capture sizes by default
-        (prefill steps run the compiled graph uncaptured; `cudagraph_mode="piecewise"` selectable)."""
+        (prefill steps run the compiled graph uncaptured; `cudagraph_mode="piecewise"` selectable).
+        On CPU with Inductor, the passes that fuse into custom ops (``CPU_UNFUSED``) default to
+        off: Inductor fuses those chains itself. Options given explicitly always win."""
         options = dict(self.compile_options)
+        if self.device_type == "cpu" and options.get("inner_compiler", "inductor") == "inductor":
+            # On CPU, Inductor fuses norms, SiLU-and-mul and rotary into its own C++ loops; the
+            # fused custom ops (GPU kernels, plain torch elsewhere) would only hide them from it.
+            # The projections still become infer::linear ops, served from packed weights.
+            for name in CPU_UNFUSED:
+                options.setdefault(name, False)
         if self.use_cudagraphs:
             options.setdefault("cudagraph_mode", "full")
             options.setdefault("cudagraph_capture_sizes", self.cudagraph_capture_sizes)

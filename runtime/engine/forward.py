@@ -13,6 +13,7 @@ from ...compiler.config import CompilerConfig
 from ...compiler.stages import UNFUSED_STAGES, compile_stages, direct_stages, lookup_stages, store_stages
 from ..attention import AttentionMetadata, forward_context
 from ..graphs import GraphStep, graph_step
+from ..ops import packed_linear
 from .config import EngineConfig
 
 
@@ -65,6 +66,8 @@ class ModelForward:
             self.stages = compile_stages(model.stages, options, plain=UNFUSED_STAGES if eager else ())
         elif self.kind == "compiled":
             self.compiled = torch.compile(model.forward, backend="infer", options=options)
+        # CPU: linears run from oneDNN-packed weights, packed at first use (see ops.packed_linear)
+        self.packing = config.device_type == "cpu" and config.cpu_packed_weights
         self.cache_dir = config.resolved_compile_cache_dir
         self._first_call = self.kind != "eager" and (self.cache_dir is not None or self.kind == "staged")
 
@@ -78,7 +81,8 @@ class ModelForward:
             internals.mark_unbacked(input_ids, 0)
             internals.mark_unbacked(positions, 0)
         told = graph_step(step) if step is not None else contextlib.nullcontext()
-        with forward_context(metadata), told:
+        packing = packed_linear.packing() if self.packing else contextlib.nullcontext()
+        with forward_context(metadata), told, packing:
             if self._first_call:
                 self._first_call = False
                 return self._load_or_compile(input_ids, positions)

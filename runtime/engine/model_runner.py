@@ -9,6 +9,7 @@ from torch import Tensor, nn
 from ..attention import AttentionMetadata
 from ..attention.metadata import cdiv, host_to_device
 from ..kernels.precompile import parallel_compiles
+from ..ops import packed_linear
 from .config import EngineConfig
 from .decode_buffers import DecodeBuffers
 from .forward import ModelForward
@@ -51,6 +52,9 @@ class ModelRunner:
         self.config = config
         self.device = next(model.parameters()).device
         self.block_size = config.block_size
+        if self.device.type == "cpu" and config.cpu_packed_weights:
+            packed = packed_linear.pack_linear_weights(model)  # the compiled graph's packs: at first use
+            logger.info("packed %d linear weights for the CPU's GEMM library", packed)
         options = config.compile_options_dict
         sizes = config.cudagraph_capture_sizes if config.use_cudagraphs else ()
         self.graphs = StepGraphs(options.get("cudagraph_mode", "none"), sizes,

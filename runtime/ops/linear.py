@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from ..kernels.tuning import kernel_config
+from . import packed_linear
 from .activation import _check_args as _check_silu_args, silu_and_mul_ref
 from .norm import _check_residual, _check_rms_args, fused_add_rms_norm_ref, rms_norm_ref
 
@@ -103,7 +104,7 @@ def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) ->
         return _gemv(x, weight, bias)[0]
     if _use_skinny(x, weight, bias):
         return _skinny(x, weight, bias)
-    return F.linear(x, weight, bias)
+    return packed_linear.linear(x, weight, bias)  # F.linear, from a packed copy of the weight if there is one
 
 
 @linear.register_fake

@@ -134,7 +134,7 @@ def test_paged_attention_is_the_registered_splitting_op_and_the_default():
     import infer.runtime.attention  # noqa: F401  (registers its op)
     assert "infer::paged_attention" in graphs.registered_splitting_ops()
     assert "infer::paged_attention" in CompilerConfig().splitting_ops
-    assert graphs.splitting_op("infer::paged_attention").describe(torch.device("cpu")) == "reference"
+    assert graphs.splitting_op("infer::paged_attention").describe(torch.device("cpu")) == "cpu"
 
 
 def test_unknown_splitting_ops_are_refused_by_name():

@@ -6,6 +6,7 @@ import torch
 if not torch.cuda.is_available():  # before anything imports triton (tests/conftest.py does the same)
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+import dataclasses  # noqa: E402
 from dataclasses import dataclass  # noqa: E402
 
 import pytest  # noqa: E402
@@ -91,9 +92,13 @@ CASES = {
 }
 
 
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
 @pytest.mark.parametrize("layout", ["2d", "3d"])
 @pytest.mark.parametrize("name", sorted(CASES))
-def test_reference_op_matches_naive(name, layout):
+def test_cpu_and_reference_ops_match_naive(name, layout, backend, monkeypatch):
+    """The CPU backend (batched, the default on CPU) and the reference, through the op; the cache's
+    unwritten slots hold NaN, which must not reach any output."""
+    monkeypatch.setenv("INFER_ATTENTION_BACKEND", backend)
     query_lens, seq_lens, hq, hkv, d, bs = CASES[name]
     batch = make_batch(query_lens, seq_lens, hq, hkv, d, bs, pad=2)
     q, k, v = (x.flatten(1) if layout == "2d" else x for x in (batch.q, batch.k, batch.v))
@@ -103,6 +108,24 @@ def test_reference_op_matches_naive(name, layout):
     torch.testing.assert_close(out.view(batch.q.shape), naive_attention(batch, d**-0.5), rtol=1e-4, atol=1e-4)
     check_cache(batch)
     assert torch.isnan(batch.cache).any()  # untouched slots were not written (padding skipped)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cpu_decode_with_padding_rows_and_empty_sequences(dtype, monkeypatch):
+    """A decode batch as the engine pads it: dummy sequences of length 0 (all-padding rows) get zeros."""
+    monkeypatch.setenv("INFER_ATTENTION_BACKEND", "cpu")
+    batch = make_batch([1, 1, 1], [9, 1, 30], 6, 2, 64, 16, dtype=dtype, pad=3, seed=4)
+    md = dataclasses.replace(  # a fourth, empty sequence in the padding (as DecodeBuffers.clear leaves it)
+        batch.md, query_start_loc=torch.arange(5, dtype=torch.int32), num_seqs=4, num_tokens=4,
+        seq_lens=torch.tensor([9, 1, 30, 0], dtype=torch.int32),
+        block_tables=torch.cat([batch.md.block_tables, torch.zeros(1, 2, dtype=torch.int32)]))
+    with forward_context(md):
+        out = torch.ops.infer.paged_attention(batch.q, batch.k, batch.v, batch.cache, 0.125)
+    with forward_context(batch.md):
+        expected = attend_reference(batch.q, batch.cache, 0.125, batch.md)
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(out[:3], expected[:3], rtol=tol, atol=tol)
+    assert out[3:].abs().max() == 0
 
 
 def _triton():
@@ -265,7 +288,7 @@ def test_errors_are_clear(monkeypatch):
     with pytest.raises(RuntimeError, match="flash_attn"):
         select_backend("cpu")
     monkeypatch.delenv("INFER_ATTENTION_BACKEND")
-    assert select_backend("cpu") == "reference"
+    assert select_backend("cpu") == "cpu"
     with pytest.raises(ValueError, match="needs 2 blocks"):
         AttentionMetadata.build([1], [17], [[0]], 16)
     with pytest.raises(ValueError, match="query_len=5 seq_len=3"):
