@@ -1,6 +1,6 @@
 """The benchmark harness: ``python -m infer.benchmarks SCENARIO [options]``.
 
-Scenarios: ``floor``, ``decode``, ``throughput``, ``startup``, ``kernels`` and ``all``. Each writes
+Scenarios: ``floor``, ``decode``, ``throughput``, ``startup``, ``kernels``, ``cpu`` and ``all``. Each writes
 ``OUT/SCENARIO.json`` (after every row), ``OUT/SCENARIO.md`` and ``OUT/SCENARIO.png``, and refreshes
 ``OUT/README_table.md`` (every scenario table in OUT). ``--append`` keeps the rows of an earlier run
 (to split a long scenario over several commands); ``tables`` rebuilds markdown and plots from the
@@ -18,16 +18,17 @@ from pathlib import Path
 
 import torch
 
-from . import decode, floor, startup, throughput
+from . import cpu, decode, floor, startup, throughput
 from .harness import Column, Settings, Table, measure, ok_rows, open_table, skipped, status_of
 
 logger = logging.getLogger(__name__)
 
-SCENARIOS = ("floor", "decode", "throughput", "startup", "kernels")
+SCENARIOS = ("floor", "decode", "throughput", "startup", "kernels", "cpu")
 GRID = {"full": ((1, 8, 64, 256), (512, 2048)), "quick": ((1, 64), (512,)), "tiny": ((1, 4), (16,))}
 STEPS = {"full": 50, "quick": 20, "tiny": 3}
 DEFAULT_SHAPES = {"floor": ("0.6b", "8b"), "decode": ("0.6b", "8b"), "throughput": ("0.6b",),
-                  "startup": ("8b",), "kernels": ("0.6b",)}
+                  "startup": ("8b",), "kernels": ("0.6b",), "cpu": ("smollm2-135m",)}
+CPU_BATCHES = {"full": (1, 8), "quick": (1, 8), "tiny": (1, 2)}
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -52,6 +53,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     common.add_argument("--baseline", metavar="DIR",
                         help="startup: also measure the infer tree in DIR (e.g. `git worktree add DIR REV`), "
                              "alternating with this one on the same machine")
+    common.add_argument("--tokens", type=int, default=64, help="cpu: new tokens per request (default 64)")
+    common.add_argument("--dtypes", nargs="+", choices=cpu.DTYPES, default=list(cpu.DTYPES),
+                        help="cpu: parameter dtypes (default bfloat16 float32)")
     common.add_argument("--append", action="store_true",
                         help="keep the rows already in OUT/SCENARIO.json (same device); re-measured rows replace them")
     parser = argparse.ArgumentParser(prog="python -m infer.benchmarks", description=__doc__.split("\n\n")[0])
@@ -88,6 +92,8 @@ def settings_for(args: argparse.Namespace, scenario: str) -> Settings:
     if scenario == "startup" and args.quick and not args.shape and not args.tiny:
         shapes = ("0.6b",)
     batches, contexts = GRID[size]
+    if scenario == "cpu":
+        device, batches = "cpu", CPU_BATCHES[size]
     return Settings(device=device, out_dir=Path(args.out), shapes=shapes, batches=tuple(args.batch or batches),
                     contexts=tuple(args.context or contexts), steps=args.steps or STEPS[size], quick=args.quick,
                     tiny=args.tiny, modes=tuple(args.modes or ()), hf=not args.no_hf, tmp_dir=args.tmp,
@@ -148,7 +154,7 @@ def _specs() -> dict:
     """Scenario -> (columns, plot function)."""
     return {"floor": (floor.COLUMNS, floor.plot), "decode": (decode.COLUMNS, decode.plot),
             "throughput": (throughput.COLUMNS, throughput.plot), "startup": (startup.COLUMNS, startup.plot),
-            "kernels": (KERNEL_COLUMNS, plot_kernels)}
+            "kernels": (KERNEL_COLUMNS, plot_kernels), "cpu": (cpu.COLUMNS, cpu.plot)}
 
 
 def run_scenario(name: str, args: argparse.Namespace) -> str:
@@ -165,6 +171,11 @@ def run_scenario(name: str, args: argparse.Namespace) -> str:
         table = throughput.run(settings, llm_modes=modes)
     elif name == "startup":
         table = startup.run(settings, llm_modes=tuple(args.llm_modes or startup.DEFAULT_MODES))
+    elif name == "cpu":
+        if args.tokens < 1:
+            raise SystemExit(f"--tokens takes a positive integer, got {args.tokens}")
+        dtypes = ("float32",) if settings.tiny else tuple(args.dtypes)
+        table = cpu.run(settings, tokens=8 if settings.tiny else args.tokens, dtypes=dtypes)
     else:
         table = run_kernels(settings)
     table.meta["scenario_s"] = round(time.perf_counter() - start, 1)

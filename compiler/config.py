@@ -22,6 +22,7 @@ class CompilerConfig:
     fuse_gemm: bool = True
     fuse_linear: bool = True
     fuse_qk_norm_rope: bool = True  # q/k RMSNorm + rotary in one op; needs fuse_norm
+    decompose_on_cpu: bool = True  # on CPU, ops that only run their plain-torch chain are spelled out
     lint: bool = True
     dump_graphs: bool = False
     # every op registered with infer.runtime.graphs.register_splitting_op (paged attention)
@@ -34,7 +35,7 @@ class CompilerConfig:
         _check_choice("inner_compiler", self.inner_compiler, INNER_COMPILERS)
         _check_choice("cudagraph_mode", self.cudagraph_mode, CUDAGRAPH_MODES)
         for name in ("eliminate_noops", "fuse_norm", "fuse_activation", "fuse_gemm", "fuse_linear",
-                     "fuse_qk_norm_rope", "lint", "dump_graphs", "debug_cudagraph_addresses"):
+                     "fuse_qk_norm_rope", "decompose_on_cpu", "lint", "dump_graphs", "debug_cudagraph_addresses"):
             value = getattr(self, name)
             if not isinstance(value, bool):
                 raise ValueError(f"option {name!r} must be True or False, got {value!r}")

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from torch import fx
 
 from .base import InferPass, PassContext
+from .cpu_decompose import CpuDecomposePass
 from .defunctionalize import DefunctionalizePass
 from .fused_add_rms_norm import FusedAddRMSNormPass
 from .gemm_pack import GemmPackPass
@@ -41,6 +42,7 @@ class PassOptions:
     fuse_gemm: bool = True
     fuse_linear: bool = True
     fuse_qk_norm_rope: bool = True  # rewrites the infer.rms_norm nodes the norm pass made
+    decompose_on_cpu: bool = True  # ops without a CPU kernel spelled out for the inner compiler
     lint: bool = True
     dump_graphs: bool = False
 
@@ -65,6 +67,8 @@ def build_passes(config: PassOptions, context: PassContext) -> list[InferPass]:
         passes.append(SiluAndMulPass(context))
     if config.fuse_linear:
         passes.append(LinearProloguePass(context))
+    if config.decompose_on_cpu:  # after qk_norm_rotary: only the rotaries it left alone
+        passes.append(CpuDecomposePass(context))
     passes.append(DefunctionalizePass(context))  # always: keeps the KV cache written in place
     return passes
 

@@ -99,7 +99,10 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> 
 
 
 def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """Triton GEMV for a few rows, the Triton skinny GEMM for a few dozen, cuBLAS otherwise."""
+    """Triton GEMV for a few rows, the Triton skinny GEMM for a few dozen, cuBLAS otherwise; on the
+    CPU, oneDNN from the weight's packed copy where there is one."""
+    if x.device.type == "cpu":
+        return packed_linear.linear(x, weight, bias)
     if _use_gemv(x, weight, bias, prologue=False):
         return _gemv(x, weight, bias)[0]
     if _use_skinny(x, weight, bias):

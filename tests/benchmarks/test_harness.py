@@ -20,6 +20,7 @@ EXPECTED_COLUMNS = {
     "throughput": {"mode", "output_tokens", "seconds", "tok_s", "roofline_tok_s"},
     "startup": {"mode", "phase", "ttft_s", "load_s", "dynamo_s", "passes_s", "inner_s", "capture_s"},
     "kernels": {"kernel", "case", "gbps"},
+    "cpu": {"dtype", "batch", "engine_tok_s", "hf_tok_s", "ratio", "floor_tok_s"},
 }
 
 
@@ -64,6 +65,14 @@ def test_all_tiny_writes_every_scenario(tmp_path, capsys):
         (row,) = _rows(payloads["startup"], mode="eager", phase=phase)
         assert row["status"] == "ok" and row["ttft_s"] > 0 and row["load_s"] > 0, row
     assert all(r["status"].startswith("skipped") for r in payloads["kernels"]["rows"])
+
+    cpu = payloads["cpu"]
+    assert [(r["dtype"], r["batch"]) for r in cpu["rows"]] == [("float32", 1), ("float32", 2)]
+    for row in cpu["rows"]:
+        assert row["status"] == "ok" and row["engine_tok_s"] > 0 and row["hf_tok_s"] > 0, row
+        assert row["ratio"] == pytest.approx(row["engine_tok_s"] / row["hf_tok_s"])
+        assert 0 < row["of_floor"] < 1.5  # a measured floor, not a made-up one
+    assert cpu["meta"]["cores"] >= 1 and cpu["meta"]["read_gbps"] > 0
 
 
 def test_startup_measures_a_baseline_tree_alongside(tmp_path):

@@ -61,7 +61,7 @@ def test_disabled_passes_fuse_nothing():
     model = tiny_model("llama")
     ids = torch.randint(0, 128, (1, 4))
     options = {"inner_compiler": "eager", "fuse_norm": False, "fuse_gemm": False, "fuse_activation": False,
-               "fuse_linear": False}
+               "fuse_linear": False, "decompose_on_cpu": False}
     with torch.inference_mode():
         logits_of(torch.compile(model, backend="infer", options=options), ids)
     assert ic.last_report().fusions == {}
