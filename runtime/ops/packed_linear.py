@@ -61,7 +61,7 @@ def packing() -> Iterator[None]:
 
 def can_pack(weight: torch.Tensor) -> bool:
     return (weight.device.type == "cpu" and weight.dim() == 2 and weight.dtype in PACKED_DTYPES
-            and weight.is_contiguous() and torch.backends.mkldnn.is_available()
+            and weight.is_contiguous() and _linear_pointwise is not None and torch.backends.mkldnn.is_available()
             and not torch.is_inference(weight))
 
 
@@ -122,6 +122,12 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     if packed is None or x.dtype != weight.dtype or x.dim() < 2 or not x.is_contiguous():
         return F.linear(x, weight, bias)
     if x.dim() == 2:
-        return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
-    out = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, x.shape[-1]), packed, bias, "none", [], "")
+        return _linear_pointwise(x, packed, bias, "none", [], "")
+    out = _linear_pointwise(x.reshape(-1, x.shape[-1]), packed, bias, "none", [], "")
     return out.view(*x.shape[:-1], out.shape[-1])
+
+
+try:
+    _linear_pointwise = torch.ops.mkldnn._linear_pointwise.default
+except (AttributeError, RuntimeError):  # a torch built without oneDNN: nothing is ever packed
+    _linear_pointwise = None
