@@ -14,7 +14,7 @@ ENV_VARS: dict[str, str] = {
     "INFER_CACHE_DIR": "where the default model is converted to (default $XDG_CACHE_HOME/infer or ~/.cache/infer)",
     "XDG_CACHE_HOME": "the user's cache root, under which infer/ holds the default model",
     "INFER_COMPILE_CACHE_DIR": "the engine's compile cache (default ~/.cache/infer/compile; empty: off)",
-    "INFER_ATTENTION_BACKEND": "force the paged-attention backend: reference, triton or flash_attn",
+    "INFER_ATTENTION_BACKEND": "force the paged-attention backend: cpu, reference, triton or flash_attn",
     "TRITON_INTERPRET": "1: Triton kernels run on CPU tensors in the interpreter (no PDL, no compile pool)",
     "INFER_PDL": "0: kernels launch without programmatic dependent launch",
     "INFER_PARALLEL_COMPILE": "0: Triton kernels compile one by one at first use, not in the startup pool",

@@ -4,8 +4,10 @@ The README's main job on a machine without a GPU: the embedded SmolLM2-135M-Inst
 weights), greedy, ``--tokens`` new tokens after a short prompt, at batch 1 and 8, in bfloat16 (the
 checkpoint's dtype, the engine's default) and float32. Each row times whole ``generate`` calls
 after a warm-up call of the same shape (compiles and first-touch costs excluded from both sides),
-the two sides alternating for three rounds, each side's best round counting (a shared host's
-speed drifts by tens of percent within a minute); tokens/s counts new tokens. The floor is the time to stream the weights once per decode step
+the two sides alternating for five rounds: tokens/s is each side's median round, the ratio the
+median of the rounds' own ratios (both sides of a round see the same machine; a shared host's
+speed drifts by tens of percent within a minute), with the range over the rounds beside it.
+Tokens/s counts new tokens. The floor is the time to stream the weights once per decode step
 (``weight bytes / measured read bandwidth``), as tokens/s: ``batch / floor seconds``. The
 bandwidth is that of a sum over a buffer far larger than the caches, on every thread torch uses.
 
@@ -16,6 +18,7 @@ harness itself).
 from __future__ import annotations
 
 import os
+import statistics
 import time
 from pathlib import Path
 
@@ -25,11 +28,12 @@ from .harness import Column, Settings, Table, measure, ok_rows, open_table
 
 COLUMNS = [Column("dtype", "dtype"), Column("batch", "batch"), Column("engine_tok_s", "infer tok/s", ".1f"),
            Column("hf_tok_s", "transformers tok/s", ".1f"), Column("ratio", "infer / transformers", ".2f"),
+           Column("ratio_range", "ratio, all rounds"),
            Column("floor_tok_s", "floor tok/s", ".0f"), Column("of_floor", "infer of floor", ".0%"),
            Column("engine_ms", "infer ms/token-step", ".1f"), Column("hf_ms", "transformers ms/token-step", ".1f")]
 PROMPT = "The history of the city begins"
 DTYPES = ("bfloat16", "float32")
-REPEATS = 3  # alternating rounds per row; each side's best round counts
+REPEATS = 5  # alternating rounds per row
 
 
 def read_bandwidth_gbps(nbytes: int = 1 << 30, repeats: int = 5) -> float:
@@ -54,18 +58,21 @@ def weight_bytes(model: torch.nn.Module) -> int:
     return total
 
 
-def best_of(fns: dict, repeats: int) -> dict:
-    """Seconds of each call, the best of ``repeats`` rounds after one warm-up call each; the calls
-    alternate within a round, so that both sides see the same machine (a shared host drifts)."""
+def rounds(fns: dict, repeats: int) -> list[dict]:
+    """Seconds of each call in each of ``repeats`` rounds, after one warm-up call each; the calls
+    alternate within a round, so that both sides of a round see the same machine (a shared host's
+    speed drifts by tens of percent within a minute)."""
     for fn in fns.values():
         fn()
-    best = {name: float("inf") for name in fns}
+    out = []
     for _ in range(repeats):
+        times = {}
         for name, fn in fns.items():
             start = time.perf_counter()
             fn()
-            best[name] = min(best[name], time.perf_counter() - start)
-    return best
+            times[name] = time.perf_counter() - start
+        out.append(times)
+    return out
 
 
 def _model_folder(settings: Settings) -> Path:
@@ -115,12 +122,15 @@ def run(settings: Settings, tokens: int = 64, dtypes: tuple[str, ...] = DTYPES) 
                     with torch.inference_mode():
                         hf.generate(**inputs, max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False,
                                     pad_token_id=tokenizer.eos_token_id or 0)
-                seconds = best_of({"hf": hf_generate,
-                                   "engine": lambda: llm.generate([PROMPT] * batch, params, use_tqdm=False)},
-                                  repeats=1 if settings.tiny else REPEATS)
-                hf_s, engine_s = seconds["hf"], seconds["engine"]
+                timed = rounds({"hf": hf_generate,
+                                "engine": lambda: llm.generate([PROMPT] * batch, params, use_tqdm=False)},
+                               repeats=1 if settings.tiny else REPEATS)
+                hf_s = statistics.median(t["hf"] for t in timed)
+                engine_s = statistics.median(t["engine"] for t in timed)
+                ratios = sorted(t["hf"] / t["engine"] for t in timed)  # per round: same machine state
                 engine_tok_s, hf_tok_s = batch * tokens / engine_s, batch * tokens / hf_s
-                return dict(engine_tok_s=engine_tok_s, hf_tok_s=hf_tok_s, ratio=engine_tok_s / hf_tok_s,
+                return dict(engine_tok_s=engine_tok_s, hf_tok_s=hf_tok_s, ratio=statistics.median(ratios),
+                            ratio_range=f"{ratios[0]:.2f}-{ratios[-1]:.2f}",
                             floor_tok_s=batch / floor_s, of_floor=engine_tok_s / (batch / floor_s),
                             engine_ms=engine_s / tokens * 1e3, hf_ms=hf_s / tokens * 1e3)
             measure(table, dict(dtype=dtype, batch=batch), row)

@@ -39,9 +39,10 @@ def _gather(kv_cache: Tensor, tables: Tensor, length: int) -> tuple[Tensor, Tens
     """The first ``length`` cached K and V rows of each table's sequence, ``[B, Hkv, L, D]`` float32
     views of one gathered copy (rows past a sequence's own length hold whatever its blocks hold)."""
     block_size, num_kv_heads, head_dim = kv_cache.shape[2], kv_cache.shape[3], kv_cache.shape[4]
-    blocks = tables[:, : -(-length // block_size)]  # [B, nb]
-    kv = kv_cache.index_select(1, blocks.flatten()).float()  # [2, B*nb, bs, Hkv, D]
-    kv = kv.view(2, blocks.shape[0], -1, num_kv_heads, head_dim)[:, :, :length]  # [2, B, L, Hkv, D]
+    num_blocks = -(-length // block_size)
+    blocks = tables[0, :num_blocks] if tables.shape[0] == 1 else tables[:, :num_blocks].flatten()  # [B*nb]
+    kv = kv_cache.index_select(1, blocks).float()  # [2, B*nb, bs, Hkv, D]
+    kv = kv.view(2, tables.shape[0], -1, num_kv_heads, head_dim)[:, :, :length]  # [2, B, L, Hkv, D]
     return kv[0].transpose(1, 2), kv[1].transpose(1, 2)
 
 
@@ -50,7 +51,8 @@ def _decode(q: Tensor, kv_cache: Tensor, scale: float, md: AttentionMetadata) ->
     a mask only where the sequences' lengths differ."""
     b, num_q_heads, num_kv_heads = md.num_seqs, q.shape[1], kv_cache.shape[3]
     seq_lens = md.seq_lens[:b]
-    shortest, longest = int(seq_lens.min()), int(seq_lens.max())
+    lens = seq_lens.tolist()  # one host read (the tensor lives on the CPU)
+    shortest, longest = min(lens), max(lens)
     length = max(longest, 1)
     k, v = _gather(kv_cache, md.block_tables[:b], length)  # [B, Hkv, L, D]
     mask = None
