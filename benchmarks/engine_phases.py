@@ -98,7 +98,7 @@ def _print_table(phases: Phases, total: float) -> None:
 
 
 def _forward_phase(runner):
-    def phase(input_ids, positions, metadata) -> str:
+    def phase(input_ids, positions, metadata, *step) -> str:
         if metadata.is_uniform_decode:
             n = input_ids.shape[0]
             bucket = 1 << max(0, (n - 1).bit_length())
