@@ -39,7 +39,7 @@ WARMUP_PROMPT_LEN = 8  # token ids of the warm-up prompts that compile outside t
 def generate(args: argparse.Namespace) -> int:
     """Complete the prompts with the engine; print each completion and the decode throughput."""
     from . import LLM, SamplingParams
-    from .runtime.engine.llm import check_model_folder, has_chat_template
+    from .runtime.engine.checkpoint_folder import check_model_folder, has_chat_template
 
     params = SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
                             max_tokens=args.max_tokens, seed=args.seed, ignore_eos=args.ignore_eos)

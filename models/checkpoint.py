@@ -27,6 +27,30 @@ SKIPPED_SUFFIXES = ("rotary_emb.inv_freq",)  # buffers some old checkpoints stil
 MAX_LISTED = 8  # names shown in an error message
 
 
+def check_folder(path: str | Path) -> Path:
+    """``path`` as a checkpoint folder: a directory (a Hugging Face Hub id is named as such: only
+    local folders load) whose ``config.json`` holds a JSON object. Raises naming what is wrong."""
+    folder = Path(path)
+    if not folder.is_dir():
+        text = str(path)
+        if text.count("/") == 1 and not text.startswith((".", "/", "~")) and not folder.exists():
+            raise FileNotFoundError(
+                f"model {text!r} is not a local folder; it looks like a Hugging Face Hub id, and infer loads "
+                f"local checkpoint folders only (download it first, e.g. `huggingface-cli download {text} "
+                f"--local-dir DIR`, and pass DIR)")
+        raise FileNotFoundError(f"checkpoint folder {text!r} does not exist or is not a directory")
+    config = folder / "config.json"
+    if not config.is_file():
+        raise FileNotFoundError(f"no config.json in checkpoint folder {str(folder)!r}")
+    try:
+        parsed = json.loads(config.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{config} is not valid JSON ({e})") from None
+    if not isinstance(parsed, dict):
+        raise ValueError(f"{config} must hold a JSON object, got {type(parsed).__name__}")
+    return folder
+
+
 def checkpoint_files(path: Path) -> list[Path]:
     """The safetensors files of a checkpoint folder, from the index when there is one."""
     index = path / INDEX_FILE

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .checkpoint import checkpoint_files, load_weights
+from .checkpoint import check_folder, checkpoint_files, load_weights
 from .registry import model_class_for
 from .streaming import StagingConfig, stream_weights
 
@@ -78,11 +78,7 @@ def load_model(
         ``(model, hf_config)`` with the model in eval mode.
     """
     start = time.perf_counter()
-    path = Path(path)
-    if not path.is_dir():
-        raise FileNotFoundError(f"checkpoint folder {str(path)!r} does not exist or is not a directory")
-    if not (path / "config.json").is_file():
-        raise FileNotFoundError(f"no config.json in checkpoint folder {str(path)!r}")
+    path = check_folder(path)
     from transformers import AutoConfig  # heavy import, deferred to first use
 
     try:

@@ -3,9 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-import json
 import logging
-import threading
 from collections.abc import Sequence as SequenceABC
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -17,12 +15,14 @@ from tqdm.auto import tqdm
 
 from ...models.loader import load_model
 from .block_manager import BlockManager
+from .checkpoint_folder import check_model_folder, eos_token_ids
 from .config import EngineConfig
 from .engine_loop import EngineLoop
 from .kv_cache import init_kv_cache
 from .model_runner import ModelRunner
 from .sampling import SamplingParams
 from .scheduler import Scheduler, SchedulerConfig
+from .shared_loop import SharedLoop
 from .sequence import FINISH_ERROR, Sequence
 
 logger = logging.getLogger(__name__)
@@ -62,64 +62,11 @@ def _short(text: str, limit: int = 40) -> str:
     return repr(text if len(text) <= limit else text[:limit] + "...")
 
 
-class _Call:
-    """One ``generate`` call in flight: its outputs by prompt index, the requests it still waits
-    for (request id -> prompt index and text), those finished but not yet collected, and the
-    error of a step that failed them."""
-
-    def __init__(self, n: int) -> None:
-        self.outputs: list[RequestOutput | None] = [None] * n
-        self.waiting: dict[int, tuple[int, str | None]] = {}
-        self.finished: list[Sequence] = []
-        self.error: BaseException | None = None
-
-
 class UncachedBlockManager(BlockManager):
     """A :class:`BlockManager` that never reuses cached blocks (``enable_prefix_caching=False``)."""
 
     def _cached_prefix(self, seq: Sequence) -> list[int]:
         return []
-
-
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "tekken.json")
-
-
-def check_model_folder(model: str | Path) -> None:
-    """What can be checked of a checkpoint folder before loading anything: that it is a folder
-    (a Hub id is named as such, at once), its ``config.json`` parses, and a tokenizer is there."""
-    path = Path(model)
-    if not path.is_dir():
-        text = str(model)
-        if text.count("/") == 1 and not text.startswith((".", "/", "~")) and not path.exists():
-            raise FileNotFoundError(
-                f"model {text!r} is not a local folder; it looks like a Hugging Face Hub id, and infer loads "
-                f"local checkpoint folders only (download it first, e.g. `huggingface-cli download {text} "
-                f"--local-dir DIR`, and pass DIR)")
-        raise FileNotFoundError(f"checkpoint folder {text!r} does not exist or is not a directory")
-    config = path / "config.json"
-    if not config.is_file():
-        raise FileNotFoundError(f"no config.json in checkpoint folder {str(path)!r}")
-    try:
-        parsed = json.loads(config.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{config} is not valid JSON ({e})") from None
-    if not isinstance(parsed, dict):
-        raise ValueError(f"{config} must hold a JSON object, got {type(parsed).__name__}")
-    if not any((path / name).is_file() for name in TOKENIZER_FILES) and not any(path.glob("*.tiktoken")):
-        raise FileNotFoundError(f"no tokenizer in checkpoint folder {str(path)!r}: expected one of "
-                                f"{', '.join(TOKENIZER_FILES)}")
-    eos_token_ids(None, None, path)  # generation_config.json: parses, and its eos ids are ints
-
-
-def has_chat_template(model: str | Path) -> bool:
-    """Whether the checkpoint folder's tokenizer has a chat template (read from its files)."""
-    path = Path(model)
-    if (path / "chat_template.jinja").is_file() or (path / "chat_template.json").is_file():
-        return True
-    try:
-        return bool(json.loads((path / "tokenizer_config.json").read_text()).get("chat_template"))
-    except (OSError, ValueError, AttributeError):
-        return False
 
 
 def _check_compile_options(config: EngineConfig) -> None:
@@ -129,37 +76,6 @@ def _check_compile_options(config: EngineConfig) -> None:
     from ...compiler.config import CompilerConfig
     from .. import attention  # noqa: F401  (registers the splitting op the options may name)
     CompilerConfig.from_options(config.compile_options_dict)
-
-
-def _generation_eos(gen_file: Path) -> Any:
-    """``eos_token_id`` of a ``generation_config.json`` (None without the file or the key)."""
-    if not gen_file.is_file():
-        return None
-    try:
-        generation = json.loads(gen_file.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{gen_file} is not valid JSON ({e})") from None
-    if not isinstance(generation, dict):
-        raise ValueError(f"{gen_file} must hold a JSON object, got {type(generation).__name__}")
-    return generation.get("eos_token_id")
-
-
-def eos_token_ids(tokenizer: Any, hf_config: Any, path: Path) -> frozenset[int]:
-    """End-of-sequence ids from the tokenizer, the model config and ``generation_config.json``."""
-    sources = [getattr(tokenizer, "eos_token_id", None), getattr(hf_config, "eos_token_id", None)]
-    gen_file = path / "generation_config.json"
-    sources.append(_generation_eos(gen_file))
-    ids: set[int] = set()
-    for source in sources:
-        if source is None:
-            continue
-        values = [source] if not isinstance(source, (list, tuple)) else list(source)
-        bad = [v for v in values if not isinstance(v, int) or isinstance(v, bool) or v < 0]
-        if bad:
-            raise ValueError(f"eos_token_id must be an int >= 0 or a list of them (in {gen_file.name}, the model "
-                             f"config or the tokenizer), got {source!r}")
-        ids.update(values)
-    return frozenset(ids)
 
 
 def _load_tokenizer(path: str) -> Any:
@@ -252,13 +168,8 @@ class LLM:
             max_model_len=self.config.max_model_len, enable_chunked_prefill=self.config.enable_chunked_prefill)
         self.scheduler = Scheduler(scheduler_config, self.block_manager, self.eos_token_ids)
         self.engine_loop = EngineLoop(self.scheduler, self.runner, self.config.async_scheduling)
+        self.shared_loop = SharedLoop(self.engine_loop)
         self._request_ids = itertools.count()
-        # Concurrent generate calls: requests join through the inbox; one thread steps at a time.
-        self._turn = threading.Condition()
-        self._stepping = False
-        self._inbox: list[Sequence] = []
-        self._owners: dict[int, _Call] = {}  # request id -> the call that waits for it
-        self._orphans: set[int] = set()  # request ids of interrupted calls
         logger.info("LLM ready: %s on %s, max_model_len=%d, %d KV blocks, compile=%s, async scheduling=%s",
                     config.model, config.device, self.config.max_model_len, self.num_blocks, config.compile,
                     self.config.async_scheduling and self.runner.graphs.full)
@@ -279,94 +190,24 @@ class LLM:
         if chat and not getattr(self.tokenizer, "chat_template", None):
             raise ValueError(f"chat=True but the tokenizer of {self.config.model} has no chat template")
         encoded = [self._encode(prompt, chat) for prompt in items]  # raises before anything is queued
-        call = _Call(len(items))
+        outputs: list[RequestOutput | None] = [None] * len(items)
+        where: dict[int, tuple[int, str | None]] = {}  # request id -> prompt index and text
         seqs = []
         for index, ((text, ids, error), sp) in enumerate(zip(encoded, params)):
             if error is not None:
-                call.outputs[index] = RequestOutput(text, ids, "", [], FINISH_ERROR, error)
+                outputs[index] = RequestOutput(text, ids, "", [], FINISH_ERROR, error)
                 logger.warning("request %d failed: %s", index, error)
                 continue
             seq = Sequence(next(self._request_ids), ids, sp)
-            call.waiting[seq.request_id] = (index, text)
+            where[seq.request_id] = (index, text)
             seqs.append(seq)
         with tqdm(total=len(items), disable=not use_tqdm, desc="generate", unit="req") as bar:
             bar.update(len(items) - len(seqs))
-            self._serve(call, seqs, bar)
-        return call.outputs  # type: ignore[return-value]
-
-    def _serve(self, call: "_Call", seqs: list[Sequence], bar) -> None:
-        """Queue ``seqs`` and take turns with other threads' calls at running engine steps until
-        every one of this call's requests finished: concurrent calls share one continuous batch.
-        One thread steps at a time; a finished sequence goes to the call that queued it."""
-        with self._turn:
-            self._inbox.extend(seqs)
-            self._owners.update((seq.request_id, call) for seq in seqs)
-        try:
-            while True:
-                with self._turn:
-                    while call.waiting and call.error is None and self._stepping:
-                        self._turn.wait()
-                    self._collect(call, bar)
-                    if call.error is not None:
-                        raise RuntimeError(f"generate failed in a step run by another thread: {call.error!r}") \
-                            from call.error
-                    if not call.waiting:
-                        return
-                    self._stepping = True
-                    admitted, self._inbox = self._inbox, []
-                self._step(admitted)
-        except BaseException:
-            with self._turn:
-                for request_id in call.waiting:  # what is still queued of this call runs for nobody
-                    self._owners.pop(request_id, None)
-                self._orphans.update(call.waiting)
-            raise
-
-    def _step(self, admitted: list[Sequence]) -> None:
-        """One engine step by this thread (holding the turn); hands the finished sequences to
-        their calls. An exception fails every call with requests in flight (the loop dropped them)."""
-        finished, error = [], None
-        try:
-            for seq in admitted:
-                self.scheduler.add(seq)
-            if self._orphans:
-                self._drop_orphans()
-            finished = self.engine_loop.step()
-        except BaseException as err:
-            error = err
-        with self._turn:
-            self._stepping = False
-            for seq in finished:
-                owner = self._owners.pop(seq.request_id, None)
-                if owner is not None:
-                    owner.finished.append(seq)
-            if error is not None:
-                for owner in set(self._owners.values()):
-                    owner.error = error
-                self._owners.clear()
-                self._inbox.clear()
-            self._turn.notify_all()
-        if error is not None:
-            raise error
-
-    def _drop_orphans(self) -> None:
-        """Requests of calls that were interrupted and never started: not run at all."""
-        waiting = self.scheduler.waiting
-        kept = [seq for seq in waiting if seq.request_id not in self._orphans]  # waiting: no blocks held
-        dropped = len(waiting) - len(kept)
-        waiting.clear()
-        waiting.extend(kept)
-        self._orphans.clear()
-        if dropped:
-            logger.info("dropped %d queued requests of an interrupted generate call", dropped)
-
-    def _collect(self, call: "_Call", bar) -> None:
-        """Turn this call's finished sequences into outputs (under the turn lock: a decode each)."""
-        for seq in call.finished:
-            index, text = call.waiting.pop(seq.request_id)
-            call.outputs[index] = self._output(text, seq)
-        bar.update(len(call.finished))
-        call.finished.clear()
+            for seq in self.shared_loop.run(seqs):  # concurrent calls share one batch
+                index, text = where[seq.request_id]
+                outputs[index] = self._output(text, seq)
+                bar.update(1)
+        return outputs  # type: ignore[return-value]
 
     def _prompt_list(self, prompts: Any) -> list[Prompt]:
         if isinstance(prompts, str):
@@ -404,7 +245,8 @@ class LLM:
             ids = list(prompt)
             if not ids:
                 return None, [], "prompt is empty (0 token ids)"
-            return None, ids, self._check_ids(ids, "prompt token ids")
+            bad = self._bad_ids(ids)
+            return None, ids, f"prompt token ids must be ints in [0, {self.vocab_size}), got {bad!r}" if bad else None
         if not prompt:
             return prompt, [], "prompt is empty (an empty string)"
         if chat:
@@ -415,22 +257,17 @@ class LLM:
             ids = self.tokenizer.encode(prompt)
         if not ids:
             return prompt, [], f"prompt {prompt!r} encodes to 0 tokens"
-        error = self._check_ids(ids, f"prompt {_short(prompt)} encodes to token ids that")
+        bad = self._bad_ids(ids)
+        error = (f"prompt {_short(prompt)} encodes to token ids that are not in the model's vocabulary "
+                 f"[0, {self.vocab_size}): {bad!r} (the tokenizer is larger than the embedding)") if bad else None
         return prompt, ids, error
 
-    def _check_ids(self, ids: list, what: str) -> str | None:
-        """None when every id is an int in the model's vocabulary, else the error."""
+    def _bad_ids(self, ids: list) -> list:
+        """The ids that are not ints in the model's vocabulary (at most eight)."""
         vocab = self.vocab_size
-        plain = set(map(type, ids)) <= {int}  # in C: a 1K-token prompt is checked in ~60 us, not ~250
-        if plain and 0 <= min(ids) and max(ids) < vocab:
-            return None
-        bad = [t for t in ids if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < vocab]
-        if not bad:
-            return None
-        if what == "prompt token ids":
-            return f"prompt token ids must be ints in [0, {vocab}), got {bad[:8]!r}"
-        return f"{what} are not in the model's vocabulary [0, {vocab}): {bad[:8]!r} (the tokenizer is " \
-               f"larger than the embedding)"
+        if set(map(type, ids)) <= {int} and 0 <= min(ids) and max(ids) < vocab:
+            return []  # in C: a 1K-token prompt is checked in ~60 us, not ~250
+        return [t for t in ids if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < vocab][:8]
 
     def _output(self, prompt: str | None, seq: Sequence) -> RequestOutput:
         ids = seq.output_token_ids
