@@ -64,10 +64,7 @@ def _device(node) -> str | None:
 def _call(graph: fx.Graph, target, *args) -> fx.Node:
     """``target(*args)`` as a node, its value computed from the arguments' values (fake tensors)."""
     node = graph.call_function(target, args)
-    vals = [a.meta["val"] if isinstance(a, fx.Node) else a for a in args]
-    vals = [[v.meta["val"] for v in a] if isinstance(a, list) and a and isinstance(a[0], fx.Node) else a
-            for a in vals]
-    node.meta["val"] = target(*vals)
+    node.meta["val"] = target(*fx.node.map_arg(args, lambda a: a.meta["val"]))
     return node
 
 
